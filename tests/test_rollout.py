@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from rollout import build_prompt, completion_logp, decode, left_pad, sample_group, stop_ids, top_p_filter
+
+REQUESTS = ["make her coat scarlet, her hair copper, and blur the background", "it is far too dark"]
+
+
+def prompts_of(tok):
+    return [build_prompt(tok, r) for r in REQUESTS]
+
+
+def hf_greedy(model, tok, prompts, n, stop):
+    ids, attn, _ = left_pad(prompts, tok.pad_token_id, "cpu")
+    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False,
+                         eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("name,n", [("tiny", 30), ("smol", 24)])
+def test_greedy_equals_generate(name, n, request):
+    planner = request.getfixturevalue(name)
+    tok, stop = planner.tok, stop_ids(planner.tok)
+    prompts = prompts_of(tok)
+    assert len(prompts[0]) != len(prompts[1])  # left padding is exercised
+    r = sample_group(planner.policy, prompts, 3, n, stop, tok.pad_token_id, temperature=0)
+    assert r.ids.shape[0] == 6
+    ref = hf_greedy(planner.policy, tok, prompts, n, stop)
+    for i in range(2):
+        for g in range(3):  # every sample of a greedy group is the prompt's greedy continuation
+            ours = r.ids[3 * i + g][r.mask[3 * i + g].bool()].tolist()
+            assert ours == ref[i, :len(ours)].tolist()
+            assert len(ours) == n or ours[-1] in stop
+    assert len(set(r.ids[0].tolist())) > 3  # the continuation is not one token repeated
+
+
+def test_seed_replays_and_logp_matches(tiny):
+    tok, stop = tiny.tok, stop_ids(tiny.tok)
+    prompts = prompts_of(tok)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return sample_group(tiny.policy, prompts, 4, 20, stop, tok.pad_token_id, temperature=1.0, top_p=0.95,
+                            generator=g)
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.logp, b.logp)
+    assert not torch.equal(a.ids, c.ids)
+    assert not torch.equal(a.ids[0], a.ids[1])  # samples of a group differ
+    # the sampler's log-probs are the teacher-forced log-probs of the same tokens
+    with torch.no_grad():
+        lp = completion_logp(tiny.policy, prompts, a.ids, a.mask, tok.pad_token_id, group_size=4)
+    assert torch.allclose(lp, a.logp, atol=1e-4)
+    assert (a.logp[a.mask.bool()] < 0).all() and (a.logp[~a.mask.bool()] == 0).all()
+    assert len(decode(tok, a)) == 8
+
+
+def test_stops_at_stop_token(tiny):
+    tok = tiny.tok
+    prompts = prompts_of(tok)
+    free = sample_group(tiny.policy, prompts[:1], 2, 12, [], tok.pad_token_id, temperature=0)
+    third = free.ids[0, 2].item()
+    first_hit = free.ids[0].tolist().index(third)  # the stop token may appear earlier too
+    r = sample_group(tiny.policy, prompts[:1], 2, 12, [third], tok.pad_token_id, temperature=0)
+    assert r.mask[0].tolist() == [1] * (first_hit + 1) + [0] * (r.ids.shape[1] - first_hit - 1)
+    assert r.ids.shape[1] == first_hit + 1  # decoding ended when every sequence had stopped
+    assert r.ids[0, first_hit].item() == third
+
+
+def test_top_p_filter():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.9, 0.03, 0.02]])
+    out = top_p_filter(probs, 0.7)
+    assert torch.allclose(out, torch.tensor([[0.5, 0.3, 0.0, 0.0], [0.0, 0.9, 0.0, 0.0]]))
+    assert torch.equal(top_p_filter(probs, 1.0), probs)
+
+
+def test_left_pad_positions():
+    ids, mask, pos = left_pad([[5, 6, 7], [8]], 0, "cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_prompt_has_request_and_description(tiny):
+    text = tiny.tok.decode(build_prompt(tiny.tok, "blur it", description="256x256, one person"))
+    assert "Request: blur it" in text and "Image: 256x256, one person" in text
+    assert text.rstrip().endswith("assistant")
