@@ -1,14 +1,17 @@
 """
-Benchmarks. For now one: group sampling speed of our KV-cached sampler against Hugging Face `generate`.
+Benchmarks.
 
-    python bench.py                      # SmolLM2-135M in 4-bit, G=8, 64 new tokens, a 100-token prompt, median of 5
+    python bench.py                      # sampler: SmolLM2-135M in 4-bit, G=8, 64 new tokens, 100-token prompt, median of 5
     python bench.py --preset=tiny --repeats=3
+    python bench.py load                 # the cpu planner: first load (with the GGUF conversion) and second load
 
-Both sample with temperature 1 and no stop token, so each call produces exactly G * new_tokens tokens; the prompt
+sampler: group sampling speed of our KV-cached sampler against Hugging Face `generate`. Both sample with temperature 1 and no stop token, so each call produces exactly G * new_tokens tokens; the prompt
 is the same for both. Tokens per second = G * new_tokens / wall time of one call (prefill included).
 """
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -56,6 +59,20 @@ def main(preset="cpu", group_size=8, new_tokens=64, prompt_tokens=100, repeats=5
     return rows
 
 
+def load():
+    """Load the cpu planner twice with a fresh, empty cache folder: the first load converts the GGUF weights, the
+    second must skip that."""
+    import transformers, peft  # noqa: F401  (imports are not part of a load)
+    with tempfile.TemporaryDirectory(prefix="imageedit-cache-") as cache:
+        os.environ["XDG_CACHE_HOME"] = cache
+        for name in ("first", "second"):
+            t0 = time.perf_counter()
+            load_planner("cpu")
+            print(f"{name} load: {time.perf_counter() - t0:.1f}s")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["load"]:
+        sys.exit(load())
     kw = dict(a[2:].split("=", 1) for a in sys.argv[1:])
     main(**{k: (v if k == "preset" else int(v)) for k, v in kw.items()})
