@@ -102,7 +102,6 @@ def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.chat_template = CHATML
-    torch.manual_seed(seed)
     # A large init spread gives peaked, varied next-token distributions, so greedy decoding is a real test.
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
@@ -110,7 +109,9 @@ def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     def build(tmp):
-        LlamaForCausalLM(config).save_pretrained(tmp)
+        with torch.random.fork_rng():  # a fixed model for a seed, and the caller's RNG stream is left alone
+            torch.manual_seed(seed)
+            LlamaForCausalLM(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
     return _atomic_folder(folder, build)

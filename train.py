@@ -1,16 +1,32 @@
 """
-Train the decomposition agent (the planner) with GRPO.
+Train the decomposition agent (the planner) with GRPO, on one machine.
 
-    python train.py                         # the cpu preset: SmolLM2-135M in 4-bit + LoRA, on any machine
-    python train.py --preset=tiny --eval_n=8
-    python train.py --lora_r=8 --seed=1     # any Config field as --key=value
+    python train.py                          # the cpu preset: SmolLM2-135M in 4-bit + LoRA, on any machine
+    python train.py --preset=tiny --steps=4  # a random tiny model, seconds
+    python train.py --seed=1 --out_dir=runs/seed1 --resume=True   # any Config field as --key=value
 
-State of this file: the configuration, presets and the held-out evaluation are here; the GRPO loop itself lands
-with the next issue. Today `python train.py` loads the preset's planner and reports its zero-shot scores on the
-held-out split (format-valid rate, F1 per field, the paper's reward), the first row of the training table.
+One run: score the base model zero-shot on the held-out split, a short supervised cold start (`sft_steps`, on at
+most 10% of the train split, only so a small model learns the tag format), score again, then GRPO:
+
+    for each step: B prompts -> G completions each (KV-cached sampler) -> paper rewards for all B*G in one call
+    -> advantages normalised within each group (groups with equal rewards carry no signal and are dropped)
+    -> per-token clipped surrogate + beta * k3 KL to the reference -> backward in micro-batches -> clip -> step
+
+What is simplified compared with the paper: one policy update per batch, so the ratio is exp(logp - logp.detach())
+(1 in value, the policy gradient in its derivative) and the clip only matters for codes that take several updates;
+the reference is the same 4-bit model with the LoRA adapter disabled; the loss averages tokens per sequence, then
+sequences (the paper's GRPO form, not Dr.GRPO). The planner reads the request only: the cpu model cannot see images.
+
+Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, reward.png, adapter/ (peft),
+state.pt (LoRA weights, optimizer, scheduler, step, RNG). Checkpoints are written atomically every `save_every`
+steps and at the end; `--resume=True` continues from the last one.
 """
 import ast
 import json
+import math
+import os
+import random
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -24,26 +40,77 @@ class Config:
     preset: str = "cpu"                  # cpu | tiny | gpu24 (see PRESETS)
     seed: int = 0                        # one seed for data, sampling and init
     out_dir: str = "runs/default"        # run folder: config.json, metrics.jsonl, adapter/, state.pt
+    resume: bool = False                 # continue from out_dir/state.pt
     # planner and LoRA
     lora_r: int = 16                     # LoRA rank
     lora_alpha: int = 32                 # LoRA scale numerator (scale = alpha / r)
     lora_dropout: float = 0.0            # dropout inside LoRA (0 keeps rollouts and updates consistent)
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names that get adapters
-    # sampling
+    # data
+    train_n: int = 2000                  # train requests generated (the RL prompts)
+    # supervised cold start (format only)
+    sft_n: int = 100                     # labelled requests for the cold start, at most 10% of train_n
+    sft_steps: int = 20                  # optimizer steps of the cold start (0: none)
+    sft_batch: int = 8                   # requests per cold-start step
+    sft_lr: float = 3e-4                 # cold-start learning rate
+    # GRPO
+    steps: int = 40                      # GRPO steps
+    batch_prompts: int = 4               # B prompts per step
     group_size: int = 8                  # G completions per prompt
-    max_new_tokens: int = 64             # plans are short; longer completions are cut
+    max_new_tokens: int = 48             # plans are short; longer completions are cut
     temperature: float = 1.0             # sampling temperature of rollouts (evaluation is greedy)
     top_p: float = 1.0                   # nucleus sampling of rollouts
-    # evaluation
-    eval_n: int = 200                    # held-out requests scored per evaluation
-    eval_batch: int = 16                 # prompts decoded together during evaluation
+    lr: float = 1e-4                     # GRPO learning rate (the paper's 1e-6 is for full 7B weights, not LoRA)
+    warmup: int = 3                      # linear warm-up steps, then cosine decay to 10%
+    beta: float = 0.02                   # weight of the k3 KL penalty to the reference
+    clip: float = 0.2                    # PPO clip range of the ratio
+    micro_groups: int = 2                # groups per backward pass (gradient accumulation over the rest)
+    grad_clip: float = 1.0               # max gradient norm
+    grad_checkpointing: bool = False     # recompute activations in backward (saves memory on long sequences)
+    max_bad_steps: int = 3               # stop after this many non-finite losses in a row
+    # evaluation and saving
+    eval_n: int = 100                    # held-out requests scored per evaluation
+    eval_batch: int = 25                 # prompts decoded together during evaluation
+    eval_every: int = 20                 # GRPO steps between evaluations (and at the end)
+    save_every: int = 10                 # GRPO steps between checkpoints (and at the end)
 
 
 PRESETS = {
     "cpu": {},
-    "tiny": dict(lora_r=4, lora_alpha=8, group_size=4, max_new_tokens=16, eval_n=8, eval_batch=4),
-    "gpu24": dict(lora_r=64, lora_alpha=128, group_size=8, max_new_tokens=128, eval_batch=32),
+    "tiny": dict(lora_r=4, lora_alpha=8, train_n=40, sft_n=4, sft_steps=2, sft_batch=2, steps=4, batch_prompts=2,
+                 group_size=4, max_new_tokens=12, eval_n=4, eval_batch=4, eval_every=2, save_every=2, lr=1e-2),
+    "gpu24": dict(lora_r=64, lora_alpha=128, max_new_tokens=128, batch_prompts=8, eval_batch=32,
+                  grad_checkpointing=True),
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The RL math: small pure functions on tensors.
+
+def group_advantages(rewards, eps=1e-4):
+    """rewards (B, G) -> advantages (B, G): normalised within each group; a group of equal rewards gives zeros."""
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0):
+    """Per-token clipped surrogate plus beta * k3 KL to the reference, masked mean per sequence, then mean.
+    logp, old_logp, ref_logp, mask: (N, T); advantages: (N,). Returns (loss, mean KL per token)."""
+    ratio = torch.exp(logp - old_logp)                                            # (N, T)
+    adv = advantages[:, None]                                                     # (N, 1)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)     # (N, T)
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1                       # (N, T) k3 estimator, >= 0
+    per_token = -(surrogate - beta * kl) * mask
+    tokens = mask.sum(1).clamp(min=1)                                             # (N,)
+    loss = (per_token.sum(1) / tokens).mean()
+    return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+def lr_factor(step, warmup, total):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def parse_args(argv):
@@ -99,27 +166,224 @@ def evaluate(planner, samples, cfg):
     return out, texts
 
 
+def sft(planner, samples, cfg):
+    """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token)."""
+    from reward import format_plan
+    from rollout import build_prompt, completion_logp
+    tok, policy = planner.tok, planner.policy
+    end, rng = tok.convert_tokens_to_ids("<|im_end|>"), random.Random(cfg.seed)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.sft_lr)
+    policy.train()
+    for step in range(cfg.sft_steps):
+        batch = rng.sample(samples, min(cfg.sft_batch, len(samples)))
+        prompts = [build_prompt(tok, s["instruction"]) for s in batch]
+        targets = [tok(format_plan(s["action"], s["subject"], s["goal"]), add_special_tokens=False)["input_ids"]
+                   + [end] for s in batch]
+        T = max(len(t) for t in targets)
+        ids = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in targets])
+        mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets])
+        loss = -completion_logp(policy, prompts, ids, mask, tok.pad_token_id).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        print(f"sft {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f}")
+
+
+def run_info():
+    """Versions and git commit, written into config.json so a run can be traced to its code."""
+    import peft
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": sys.version.split()[0], "git_commit": commit or "unknown"}
+
+
+def save_checkpoint(out, policy, opt, sched, step):
+    """adapter/ (peft format, for users) is swapped in from a temporary folder; state.pt (everything resume needs,
+    LoRA weights included) is replaced atomically last. A kill at any moment leaves a complete state.pt."""
+    import shutil
+    tmp, old = out / ".adapter.tmp", out / ".adapter.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    if (out / "adapter").exists():
+        os.replace(out / "adapter", old)
+    os.replace(tmp, out / "adapter")
+    shutil.rmtree(old, ignore_errors=True)
+    lora = {k: v for k, v in policy.state_dict().items() if "lora_" in k}
+    state = {"step": step, "lora": lora, "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "rng": torch.get_rng_state()}
+    torch.save(state, out / "state.pt.tmp")
+    os.replace(out / "state.pt.tmp", out / "state.pt")
+
+
+def plot(out, history):
+    """reward.png: train reward per step and held-out reward per evaluation."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib, no plot (pip install matplotlib)")
+        return
+    train = [(h["step"], h["reward"]) for h in history if h["phase"] == "grpo"]
+    evals = [(h["step"], h["reward"]) for h in history if h["phase"].startswith("eval")]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train (sampled)", alpha=0.6)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="held-out (greedy)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("paper reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "reward.png", dpi=100)
+    plt.close(fig)
+
+
 def main(cfg):
+    from tqdm import tqdm
+
     from agents import load_planner
-    from data import make_split
-    torch.manual_seed(cfg.seed)
+    from data import DataError, make_split
+    from reward import paper_rewards
+    from rollout import build_prompt, completion_logp, decode, sample_group, stop_ids
+
+    if cfg.sft_n > cfg.train_n // 10:
+        raise SystemExit(f"error: sft_n={cfg.sft_n} is more than 10% of train_n={cfg.train_n}; the cold start "
+                         "only teaches the format, the RL must do the rest")
     out = Path(cfg.out_dir)
+    if cfg.resume and not (out / "state.pt").exists():
+        raise SystemExit(f"error: --resume=True but {out / 'state.pt'} does not exist")
+    if not cfg.resume and (out / "state.pt").exists():
+        raise SystemExit(f"error: {out} already holds a run; pass --resume=True or choose another --out_dir")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (out / "config.json").write_text(json.dumps({**asdict(cfg), **run_info()}, indent=2))
+    torch.manual_seed(cfg.seed)
+    device = "cpu"  # the GPU path arrives with the gpu24 preset
     t0 = time.time()
     planner = load_planner(cfg.preset, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           lora_targets=cfg.lora_targets)
-    print(f"planner: {cfg.preset} loaded in {time.time() - t0:.1f}s (NF4 + LoRA r={cfg.lora_r}), device cpu")
+                           lora_targets=cfg.lora_targets, device=device)
+    policy, tok = planner.policy, planner.tok
+    print(f"planner: {cfg.preset} in NF4 + LoRA r={cfg.lora_r}, loaded in {time.time() - t0:.1f}s on {device} "
+          "(no CUDA GPU is used yet)")
+    if cfg.grad_checkpointing:
+        planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        planner.model.enable_input_require_grads()
+    train = make_split("train", cfg.train_n, seed=cfg.seed)
     test = make_split("test", cfg.eval_n, seed=cfg.seed)
-    t0 = time.time()
-    scores, texts = evaluate(planner, test, cfg)
-    print(f"zero-shot on {len(test)} held-out requests ({time.time() - t0:.0f}s): " +
-          " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
-    print(f"example: {test[0]['instruction']!r}\n      -> {texts[0]!r}")
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"phase": "zero-shot", "step": 0, **scores}) + "\n")
-    print("GRPO training is not implemented yet (next issue); scores written to", out / "metrics.jsonl")
-    return scores
+    if not train or not test:
+        raise DataError(f"empty dataset: train_n={cfg.train_n}, eval_n={cfg.eval_n}")
+    metrics = out / "metrics.jsonl"
+
+    def log(row):
+        history.append(row)
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def heldout(phase, step):
+        t = time.time()
+        scores, texts = evaluate(planner, test, cfg)
+        print(f"{phase} (step {step}, {len(test)} held-out, {time.time() - t:.0f}s): " +
+              " ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f"\n  e.g. {texts[0]!r}")
+        log({"phase": phase, "step": step, **scores})
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
+    start, history = 0, []
+    if cfg.resume:
+        state = torch.load(out / "state.pt", weights_only=False)
+        policy.load_state_dict(state["lora"], strict=False)
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        # drop what the interrupted run logged after its last checkpoint: those steps are done again
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        history = [r for r in rows if r["step"] <= start and not (r["step"] == start and r["phase"] == "eval")]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+        print(f"resumed from {out / 'state.pt'} at step {start}")
+    else:
+        heldout("eval zero-shot", 0)
+        if cfg.sft_steps:
+            sft(planner, train[:cfg.sft_n], cfg)
+            heldout("eval cold start", 0)
+        save_checkpoint(out, policy, opt, sched, 0)
+
+    stop, pad, bad = stop_ids(tok), tok.pad_token_id, 0
+    B, G = cfg.batch_prompts, cfg.group_size
+    for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
+        t = time.time()
+        # sample: B prompts, G completions each; prompts and tokens are fixed by (seed, step), so runs replay
+        batch = random.Random(f"{cfg.seed}:{step}").sample(train, B)
+        prompts = [build_prompt(tok, s["instruction"]) for s in batch]
+        policy.eval()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen)
+        # score all B*G completions in one call; advantages within each group
+        rewards, info = paper_rewards(decode(tok, roll), [s for s in batch for _ in range(G)])
+        adv = group_advantages(rewards.view(B, G))                                    # (B, G)
+        keep = [b for b in range(B) if rewards.view(B, G)[b].std() > 0]               # groups with signal
+        # update: micro-batches of groups, gradients accumulated over the kept groups
+        policy.train()
+        loss_sum, kl_sum = 0.0, 0.0
+        for i in range(0, len(keep), cfg.micro_groups):
+            gs = keep[i:i + cfg.micro_groups]
+            rows = torch.tensor([b * G + g for b in gs for g in range(G)])
+            ids, mask = roll.ids[rows], roll.mask[rows]
+            with torch.no_grad(), policy.disable_adapter():
+                ref_logp = completion_logp(policy, [prompts[b] for b in gs], ids, mask, pad, G)
+            logp = completion_logp(policy, [prompts[b] for b in gs], ids, mask, pad, G)
+            loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv[gs].reshape(-1), mask, cfg.clip, cfg.beta)
+            (loss * len(gs) / len(keep)).backward()
+            loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
+        if not math.isfinite(loss_sum):
+            opt.zero_grad(set_to_none=True)
+            bad += 1
+            print(f"step {step + 1}: non-finite loss, step skipped ({bad} in a row)")
+            if bad >= cfg.max_bad_steps:
+                raise SystemExit(f"error: non-finite loss {bad} steps in a row; lower lr (now {cfg.lr}) "
+                                 f"or check the data. Last checkpoint: {out / 'state.pt'}")
+            continue
+        bad = 0
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if keep else 0.0
+        if keep:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        n = max(len(keep), 1)
+        row = {"phase": "grpo", "step": step + 1, "reward": round(rewards.mean().item(), 4),
+               "format": round(info["format"].mean().item(), 4), "f1": round(info["f1"].mean().item(), 4),
+               "loss": round(loss_sum / n, 5), "kl": round(kl_sum / n, 5), "grad_norm": round(norm, 4),
+               "kept_groups": len(keep), "dropped_groups": B - len(keep), "lr": sched.get_last_lr()[0],
+               "tokens": int(roll.mask.sum()), "seconds": round(time.time() - t, 2)}
+        log(row)
+        tqdm.write(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} fmt {row['format']:.2f} "
+                   f"f1 {row['f1']:.3f} | groups {len(keep)}/{B} | loss {row['loss']:+.4f} kl {row['kl']:.4f} "
+                   f"| gnorm {norm:.3f} lr {row['lr']:.1e} | {row['seconds']:.1f}s")
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.eval_every == 0 or last:
+            heldout("eval", step + 1)
+        if (step + 1) % cfg.save_every == 0 or last:
+            save_checkpoint(out, policy, opt, sched, step + 1)
+            plot(out, history)
+
+    table = {}
+    for h in history:
+        if h["phase"].startswith("eval"):
+            table[{"eval zero-shot": "base, zero-shot", "eval cold start": "after cold start"}.get(
+                h["phase"], "after GRPO")] = h
+    print(f"\nheld-out split ({len(test)} requests), greedy decoding:")
+    print(f"{'':>18} {'format':>7} {'F1 act':>7} {'F1 subj':>7} {'F1 goal':>7} {'F1 mean':>7} {'reward':>7}")
+    for name, h in table.items():
+        print(f"{name:>18} " + " ".join(f"{h[k]:7.3f}" for k in
+                                        ("format", "f1_action", "f1_subject", "f1_goal", "f1", "reward")))
+    return history
 
 
 if __name__ == "__main__":

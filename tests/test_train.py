@@ -1,4 +1,8 @@
+import json
+import math
+
 import pytest
+import torch
 
 from train import Config, PRESETS, evaluate, parse_args
 
@@ -32,3 +36,165 @@ def test_evaluate_scores_heldout(tiny):
     assert len(texts) == 3
     assert set(scores) == {"format", "f1_action", "f1_subject", "f1_goal", "f1", "reward"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+# ---- the RL math on toy tensors
+
+from train import group_advantages, grpo_loss, lr_factor, main  # noqa: E402
+
+
+def test_advantages_zero_mean_per_group():
+    rewards = torch.tensor([[0.0, 1.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2], [1.0, 0.0, 0.0, 0.0]])  # (B=3, G=4)
+    adv = group_advantages(rewards)
+    assert adv.shape == (3, 4)
+    assert torch.allclose(adv.mean(1), torch.zeros(3), atol=1e-6)
+    assert torch.equal(adv[1], torch.zeros(4))  # equal rewards: no signal
+    assert adv[0, 1] > 0 > adv[0, 0] and torch.allclose(adv[0].std(), torch.tensor(1.0), atol=1e-3)
+
+
+def toy(N=3, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(N, T, generator=g) - 0.1).requires_grad_()
+    mask = torch.ones(N, T)
+    mask[0, 3:] = 0  # a short completion: padding after it
+    return logp, mask
+
+
+def test_loss_zero_without_advantage_and_kl():
+    logp, mask = toy()
+    loss, kl = grpo_loss(logp, logp.detach(), logp.detach() - 0.3, torch.zeros(3), mask, beta=0.0)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+def test_loss_gradient_is_policy_gradient_and_masked():
+    logp, mask = toy()
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.0)
+    loss.backward()
+    # d loss / d logp[n, t] = -adv[n] / (tokens of n) / N at real tokens, 0 at padding
+    want = -(adv[:, None] / mask.sum(1, keepdim=True)) / 3 * mask
+    assert torch.allclose(logp.grad, want, atol=1e-6)
+    assert torch.equal(logp.grad[0, 3:], torch.zeros(2))  # padding gets no gradient
+
+
+def test_clipping_stops_gradient_outside_trust_region():
+    logp, mask = toy()
+    adv = torch.tensor([1.0, 1.0, -1.0])
+    old = logp.detach().clone()
+    old[0] -= 0.5   # ratio e^0.5 > 1.2 with a positive advantage: clipped
+    old[1] += 0.01  # ratio just below 1: inside the region
+    old[2] += 0.5   # ratio e^-0.5 < 0.8 with a negative advantage: clipped
+    loss, _ = grpo_loss(logp, old, logp.detach(), adv, mask, clip=0.2, beta=0.0)
+    loss.backward()
+    assert torch.equal(logp.grad[0], torch.zeros(5)) and torch.equal(logp.grad[2], torch.zeros(5))
+    assert (logp.grad[1] != 0).all()
+
+
+def test_kl_zero_against_itself_and_positive_otherwise():
+    logp, mask = toy()
+    _, kl = grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(3), mask, beta=0.1)
+    assert kl.item() == 0.0
+    _, kl = grpo_loss(logp, logp.detach(), logp.detach() - 0.5, torch.zeros(3), mask, beta=0.1)
+    assert kl.item() == pytest.approx(math.exp(-0.5) + 0.5 - 1, rel=1e-5)
+
+
+def test_kl_zero_with_adapter_disabled(tiny_dir):
+    """The reference is the policy with LoRA off; with LoRA B = 0 (fresh) both are the same model."""
+    from agents import load_planner
+    from rollout import build_prompt, completion_logp, sample_group, stop_ids
+    p = load_planner("tiny", folder=tiny_dir)
+    prompts = [build_prompt(p.tok, "blur the background")]
+    r = sample_group(p.policy, prompts, 2, 6, stop_ids(p.tok), p.tok.pad_token_id, generator=torch.Generator())
+    with torch.no_grad(), p.policy.disable_adapter():
+        ref = completion_logp(p.policy, prompts, r.ids, r.mask, p.tok.pad_token_id, 2)
+    logp = completion_logp(p.policy, prompts, r.ids, r.mask, p.tok.pad_token_id, 2)
+    _, kl = grpo_loss(logp, logp.detach(), ref, torch.zeros(2), r.mask)
+    assert kl.item() < 1e-6
+    for m in p.policy.modules():  # now move the adapter: the KL must see it
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.5)
+    logp = completion_logp(p.policy, prompts, r.ids, r.mask, p.tok.pad_token_id, 2)
+    assert grpo_loss(logp, logp.detach(), ref, torch.zeros(2), r.mask)[1].item() > 1e-3
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 20) == 0.25 and lr_factor(3, 4, 20) == 1.0
+    assert lr_factor(4, 4, 20) == 1.0 and lr_factor(20, 4, 20) == pytest.approx(0.1)
+
+
+# ---- whole runs on the tiny preset
+
+def fake_rewards(texts, golds):
+    """A reward with signal for a random tiny model: the share of lower-case letters in the completion."""
+    r = torch.tensor([sum(c.islower() for c in t) / max(len(t), 1) for t in texts])
+    return r, {"format": torch.zeros_like(r), "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
+
+
+def run(tmp_path, monkeypatch, name, *extra):
+    import reward
+    monkeypatch.setattr(reward, "paper_rewards", fake_rewards)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = parse_args(["--preset=tiny", f"--out_dir={tmp_path / name}", *extra])
+    main(cfg)
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["phase"] == "grpo"], rows
+
+
+def test_resume_replays_the_same_run(tmp_path, monkeypatch):
+    full, _ = run(tmp_path, monkeypatch, "full")
+    assert [r["step"] for r in full] == [1, 2, 3, 4]
+    assert all(r["kept_groups"] > 0 for r in full)  # the fake reward gives every group a signal: real updates
+
+    import train
+    real_save = train.save_checkpoint
+
+    def save_then_die(out, policy, opt, sched, step):  # a kill right after the step-2 checkpoint
+        real_save(out, policy, opt, sched, step)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, monkeypatch, "split")
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    resumed, rows = run(tmp_path, monkeypatch, "split", "--resume=True")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for key in ("reward", "loss", "kl", "grad_norm", "tokens"):
+        assert [r[key] for r in resumed] == [r[key] for r in full], key
+    out = tmp_path / "split"
+    assert (out / "adapter" / "adapter_config.json").exists() and (out / "reward.png").stat().st_size > 1000
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["resume"] is True and "git_commit" in cfg and "torch" in cfg
+
+
+def test_adapter_loads_with_peft(tmp_path, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    run(tmp_path, monkeypatch, "r")
+    from agents import load_planner
+    trained = torch.load(tmp_path / "r" / "state.pt", weights_only=False)["lora"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "cache" / "imageedit-r1" / "tiny-llama")
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "r" / "adapter")
+    loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in loaded)
+    assert any(v.abs().sum() > 0 for k, v in loaded.items() if "lora_B" in k)  # trained, not the zero init
+
+
+def test_refuses_to_overwrite_and_bad_resume(tmp_path, monkeypatch):
+    run(tmp_path, monkeypatch, "a")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        run(tmp_path, monkeypatch, "a")
+    with pytest.raises(SystemExit, match="state.pt does not exist"):
+        run(tmp_path, monkeypatch, "b", "--resume=True")
+    with pytest.raises(SystemExit, match="more than 10% of train_n"):
+        run(tmp_path, monkeypatch, "c", "--sft_n=30")
+
+
+def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(train, "grpo_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True),
+                                                             torch.tensor(0.0)))
+    with pytest.raises(SystemExit, match="non-finite loss 3 steps in a row"):
+        run(tmp_path, monkeypatch, "nan", "--steps=5", "--max_bad_steps=3")
