@@ -12,8 +12,6 @@ is written yet.
 import argparse
 import sys
 
-import torch
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -35,14 +33,10 @@ def main(argv=None):
 
     from agents import load_planner
     from reward import parse
-    from rollout import build_prompt, decode, sample_group, stop_ids
+    from rollout import greedy_plans
     planner = load_planner(args.preset, adapter=args.adapter)
     print(f"planner: {args.preset}, " + (f"adapter {args.adapter}" if args.adapter else "base model, no adapter"))
-    tok = planner.tok
-    with torch.no_grad():
-        r = sample_group(planner.policy.eval(), [build_prompt(tok, args.instruction)], 1, args.max_new_tokens,
-                         stop_ids(tok), tok.pad_token_id, temperature=0)
-    text = decode(tok, r)[0]
+    text = greedy_plans(planner, [args.instruction], args.max_new_tokens)[0]
     plan = parse(text)
     print(f"planner output: {text!r}")
     if not plan["ok"]:

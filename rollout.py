@@ -122,3 +122,15 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1):
 def decode(tok, rollout):
     """The completions as text, without stop and pad tokens."""
     return [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(rollout.ids, rollout.mask)]
+
+
+@torch.no_grad()
+def greedy_plans(planner, instructions, max_new_tokens, batch=16):
+    """Greedy completions (text) for a list of requests, `batch` prompts decoded together."""
+    tok, texts = planner.tok, []
+    planner.policy.eval()
+    for i in range(0, len(instructions), batch):
+        prompts = [build_prompt(tok, x) for x in instructions[i:i + batch]]
+        r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok), tok.pad_token_id, temperature=0)
+        texts += decode(tok, r)
+    return texts

@@ -146,20 +146,12 @@ def parse_args(argv):
     return cfg
 
 
-@torch.no_grad()
 def evaluate(planner, samples, cfg):
     """Greedy plans for held-out samples, scored with the paper's reward. Returns mean format-valid rate, F1 per
     field, mean F1 and mean reward, plus the completions."""
     from reward import paper_rewards
-    from rollout import build_prompt, decode, sample_group, stop_ids
-    planner.policy.eval()
-    texts = []
-    for i in range(0, len(samples), cfg.eval_batch):
-        batch = samples[i:i + cfg.eval_batch]
-        prompts = [build_prompt(planner.tok, s["instruction"]) for s in batch]
-        r = sample_group(planner.policy, prompts, 1, cfg.max_new_tokens, stop_ids(planner.tok),
-                         planner.tok.pad_token_id, temperature=0)
-        texts += decode(planner.tok, r)
+    from rollout import greedy_plans
+    texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch)
     rewards, info = paper_rewards(texts, samples)
     out = {k: round(v.mean().item(), 4) for k, v in info.items()}
     out["reward"] = round(rewards.mean().item(), 4)
