@@ -297,7 +297,7 @@ def main(cfg):
         start = state["step"]
         # drop what the interrupted run logged after its last checkpoint: those steps are done again
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-        history = [r for r in rows if r["step"] <= start and not (r["step"] == start and r["phase"] == "eval")]
+        history = [r for r in rows if r["step"] <= start]
         metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
         print(f"resumed from {out / 'state.pt'} at step {start}")
     else:
@@ -319,8 +319,9 @@ def main(cfg):
         roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen)
         # score all B*G completions in one call; advantages within each group
         rewards, info = paper_rewards(decode(tok, roll), [s for s in batch for _ in range(G)])
-        adv = group_advantages(rewards.view(B, G))                                    # (B, G)
-        keep = [b for b in range(B) if rewards.view(B, G)[b].std() > 0]               # groups with signal
+        grouped = rewards.view(B, G)                                                  # (B, G)
+        adv = group_advantages(grouped)                                               # (B, G)
+        keep = [b for b in range(B) if grouped[b].std() > 0]                          # groups with signal
         # update: micro-batches of groups, gradients accumulated over the kept groups
         policy.train()
         loss_sum, kl_sum = 0.0, 0.0

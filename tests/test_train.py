@@ -143,7 +143,7 @@ def run(tmp_path, monkeypatch, name, *extra):
 
 
 def test_resume_replays_the_same_run(tmp_path, monkeypatch):
-    full, _ = run(tmp_path, monkeypatch, "full")
+    full, full_rows = run(tmp_path, monkeypatch, "full")
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert all(r["kept_groups"] > 0 for r in full)  # the fake reward gives every group a signal: real updates
 
@@ -163,6 +163,9 @@ def test_resume_replays_the_same_run(tmp_path, monkeypatch):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for key in ("reward", "loss", "kl", "grad_norm", "tokens"):
         assert [r[key] for r in resumed] == [r[key] for r in full], key
+    evals = [(r["phase"], r["step"], r["reward"]) for r in rows if r["phase"].startswith("eval")]
+    assert evals == [(r["phase"], r["step"], r["reward"]) for r in full_rows if r["phase"].startswith("eval")]
+    assert ("eval", 2) in [e[:2] for e in evals]  # the evaluation logged just before the kill is kept
     out = tmp_path / "split"
     assert (out / "adapter" / "adapter_config.json").exists() and (out / "reward.png").stat().st_size > 1000
     cfg = json.loads((out / "config.json").read_text())
