@@ -106,16 +106,23 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
 
 def completion_logp(model, prompts, ids, mask, pad_id, group_size=1):
     """Per-token log-probs (N, T) of completions `ids` (N, T) given their prompts (B lists; N = B * group_size,
-    rows prompt-major as `sample_group` returns them), with gradients. Logits are computed only at the
-    positions that predict completion tokens; padding positions get 0."""
-    p_ids, p_attn, _ = left_pad(prompts, pad_id, ids.device)
-    p_ids, p_attn = p_ids.repeat_interleave(group_size, 0), p_attn.repeat_interleave(group_size, 0)
+    rows prompt-major as `sample_group` returns them), with gradients; padding positions get 0.
+    Like the sampler, each prompt goes through the model once and its KV cache is repeated for the group, then all
+    completions run on top of it: the same numbers as a forward pass over each full sequence, with the prompt part
+    (the longer one here) computed B instead of N times. Gradients flow through the shared cache into the prompt's
+    keys and values, so nothing is approximated."""
+    p_ids, p_attn, p_pos = left_pad(prompts, pad_id, ids.device)
+    out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(group_size)
+    first = out.logits[:, -1:].repeat_interleave(group_size, 0)                  # (N, 1, V) predicts token 0
     T = ids.shape[1]
-    full = torch.cat([p_ids, ids.masked_fill(mask == 0, pad_id)], 1)       # (N, L + T)
-    attn = torch.cat([p_attn, mask], 1)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=full, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1).logits[:, :-1]
-    logp = F.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)  # (N, T)
+    attn = torch.cat([p_attn.repeat_interleave(group_size, 0), mask], 1)         # (N, L + T)
+    pos = p_pos[:, -1:].repeat_interleave(group_size, 0) + 1 + torch.arange(T, device=ids.device)  # (N, T)
+    rest = model(input_ids=ids.masked_fill(mask == 0, pad_id), attention_mask=attn, position_ids=pos,
+                 past_key_values=cache, use_cache=True, logits_to_keep=T).logits[:, :-1]  # predicts tokens 1..T-1
+    logits = torch.cat([first, rest], 1)                                         # (N, T, V)
+    logp = F.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
     return logp * mask
 
 

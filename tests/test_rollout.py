@@ -84,3 +84,38 @@ def test_prompt_has_request_and_description(tiny):
     text = tiny.tok.decode(build_prompt(tiny.tok, "blur it", description="256x256, one person"))
     assert "Request: blur it" in text and "Image: 256x256, one person" in text
     assert text.rstrip().endswith("assistant")
+
+
+def test_shared_prompt_logp_equals_full_forward(tiny_dir):
+    """completion_logp runs each prompt once and shares its cache; values and LoRA gradients must equal a plain
+    forward pass over every full (prompt + completion) sequence."""
+    import torch.nn.functional as F
+    from agents import load_planner
+    p = load_planner("tiny", folder=tiny_dir)
+    for m in p.policy.modules():  # a non-zero adapter, so gradients reach both LoRA matrices
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
+    tok, pad = p.tok, p.tok.pad_token_id
+    prompts = prompts_of(tok)
+    r = sample_group(p.policy, prompts, 3, 10, stop_ids(tok), pad, generator=torch.Generator().manual_seed(0))
+    lora = [q for q in p.policy.parameters() if q.requires_grad]
+
+    def grads(logp):
+        p.policy.zero_grad()
+        logp.sum().backward()
+        return [q.grad.clone() for q in lora]
+
+    shared = completion_logp(p.policy, prompts, r.ids, r.mask, pad, group_size=3)
+    g_shared = grads(shared)
+    full_prompts = [x for x in prompts for _ in range(3)]
+    ids, attn, _ = left_pad([x + c[m.bool()].tolist() for x, c, m in zip(full_prompts, r.ids, r.mask)], pad, "cpu")
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = p.policy(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    full = torch.zeros_like(shared)
+    for n, (x, m) in enumerate(zip(full_prompts, r.mask)):
+        k = int(m.sum())  # the completion is the last k tokens of row n (left padding)
+        lp = F.log_softmax(logits[n, -k - 1:-1].float(), -1).gather(-1, ids[n, -k:, None]).squeeze(-1)
+        full[n, :k] = lp
+    assert torch.allclose(shared, full, atol=1e-4)
+    g_full = grads(full)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(g_shared, g_full))
