@@ -37,41 +37,44 @@ import torch
 
 @dataclass
 class Config:
-    preset: str = "cpu"                  # cpu | tiny | gpu24 (see PRESETS)
+    preset: str = "auto"                 # cpu | tiny | gpu24 (see PRESETS); auto picks one for this machine
     seed: int = 0                        # one seed for data, sampling and init
     out_dir: str = "runs/default"        # run folder: config.json, metrics.jsonl, adapter/, state.pt
     resume: bool = False                 # continue from out_dir/state.pt
+    eval_adapter: str = ""               # only score this saved adapter folder on the held-out split, no training
     # planner and LoRA
     lora_r: int = 16                     # LoRA rank
     lora_alpha: int = 32                 # LoRA scale numerator (scale = alpha / r)
     lora_dropout: float = 0.0            # dropout inside LoRA (0 keeps rollouts and updates consistent)
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")  # module names that get adapters
-    # data
-    train_n: int = 2000                  # train requests generated (the RL prompts)
+    # data (built-in synthetic requests unless a dataset folder is given)
+    train_dir: str = ""                  # a metadata.jsonl folder with labels to train on instead
+    eval_dir: str = ""                   # a metadata.jsonl folder with labels for the held-out scores instead
+    train_n: int = 2000                  # train requests used (the RL prompts; first train_n of a folder)
     # supervised cold start (format only)
     sft_n: int = 100                     # labelled requests for the cold start, at most 10% of train_n
     sft_steps: int = 20                  # optimizer steps of the cold start (0: none)
     sft_batch: int = 8                   # requests per cold-start step
     sft_lr: float = 3e-4                 # cold-start learning rate
     # GRPO
-    steps: int = 40                      # GRPO steps
+    steps: int = 25                      # GRPO steps
     batch_prompts: int = 4               # B prompts per step
     group_size: int = 8                  # G completions per prompt
     max_new_tokens: int = 48             # plans are short; longer completions are cut
-    temperature: float = 1.0             # sampling temperature of rollouts (evaluation is greedy)
+    temperature: float = 0.8             # sampling temperature of rollouts (evaluation is greedy)
     top_p: float = 1.0                   # nucleus sampling of rollouts
-    lr: float = 1e-4                     # GRPO learning rate (the paper's 1e-6 is for full 7B weights, not LoRA)
+    lr: float = 3e-4                     # GRPO learning rate (the paper's 1e-6 is for full 7B weights, not LoRA)
     warmup: int = 3                      # linear warm-up steps, then cosine decay to 10%
     beta: float = 0.02                   # weight of the k3 KL penalty to the reference
     clip: float = 0.2                    # PPO clip range of the ratio
-    micro_groups: int = 2                # groups per backward pass (gradient accumulation over the rest)
+    micro_groups: int = 4                # groups per backward pass (gradient accumulation over the rest)
     grad_clip: float = 1.0               # max gradient norm
     grad_checkpointing: bool = False     # recompute activations in backward (saves memory on long sequences)
     max_bad_steps: int = 3               # stop after this many non-finite losses in a row
     # evaluation and saving
     eval_n: int = 100                    # held-out requests scored per evaluation
     eval_batch: int = 25                 # prompts decoded together during evaluation
-    eval_every: int = 20                 # GRPO steps between evaluations (and at the end)
+    eval_every: int = 25                 # GRPO steps between evaluations (and at the end)
     save_every: int = 10                 # GRPO steps between checkpoints (and at the end)
 
 
@@ -113,6 +116,18 @@ def lr_factor(step, warmup, total):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def detect_preset():
+    """The preset for this machine and why: a CUDA GPU with at least 20 GB is meant for gpu24, anything else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu", "no CUDA GPU"
+    props = torch.cuda.get_device_properties(0)
+    gb = props.total_memory / 2**30
+    if gb < 20:
+        return "cpu", f"{props.name} has {gb:.0f} GB, gpu24 needs 20"
+    # The gpu24 planner (Qwen2.5-VL-7B) is not wired yet: run the cpu preset's model on this GPU until it is.
+    return "cpu", f"{props.name} has {gb:.0f} GB, but the gpu24 preset is not wired yet"
+
+
 def parse_args(argv):
     """--key=value overrides on top of a preset. Values are Python literals, else strings. Unknown keys and
     wrong types are errors that name the key."""
@@ -127,6 +142,10 @@ def parse_args(argv):
             pass  # a plain string
         kv[k] = v
     preset = kv.get("preset", Config.preset)
+    if preset == "auto":
+        preset, why = detect_preset()
+        print(f"preset: {preset} ({why})")
+        kv["preset"] = preset
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg, types = Config(), {f.name: f.type for f in fields(Config)}
@@ -158,6 +177,19 @@ def evaluate(planner, samples, cfg):
     return out, texts
 
 
+def load_requests(folder, split, n, seed):
+    """Labelled requests: the first n of a dataset folder, or n built-in ones of a split."""
+    from data import DataError, make_split, read_folder
+    rows = read_folder(folder)[:n] if folder else make_split(split, n, seed=seed)
+    if not rows:
+        raise DataError(f"no {split} requests: n={n}" + (f", folder {folder}" if folder else ""))
+    for r in rows:
+        if "action" not in r:
+            raise DataError(f"{folder}/metadata.jsonl: {r['file_name']} has no action/subject/goal labels; "
+                            "the paper's reward needs them")
+    return rows
+
+
 def sft(planner, samples, cfg):
     """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token)."""
     from reward import format_plan
@@ -172,8 +204,8 @@ def sft(planner, samples, cfg):
         targets = [tok(format_plan(s["action"], s["subject"], s["goal"]), add_special_tokens=False)["input_ids"]
                    + [end] for s in batch]
         T = max(len(t) for t in targets)
-        ids = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in targets])
-        mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets])
+        ids = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in targets], device=policy.device)
+        mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets], device=policy.device)
         loss = -completion_logp(policy, prompts, ids, mask, tok.pad_token_id).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
@@ -241,10 +273,21 @@ def main(cfg):
     from tqdm import tqdm
 
     from agents import load_planner
-    from data import DataError, make_split
     from reward import paper_rewards
     from rollout import build_prompt, completion_logp, decode, sample_group, stop_ids
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}" + ("" if device == "cuda" else " (no CUDA GPU)"))
+    lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                lora_targets=cfg.lora_targets, device=device)
+    test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)  # the same whatever the seed, so seeds compare
+    if cfg.eval_adapter:
+        if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
+            raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
+        scores, texts = evaluate(load_planner(cfg.preset, adapter=cfg.eval_adapter, **lora), test, cfg)
+        print(f"{cfg.eval_adapter} on {len(test)} held-out requests: " +
+              " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+        return scores
     if cfg.sft_n > cfg.train_n // 10:
         raise SystemExit(f"error: sft_n={cfg.sft_n} is more than 10% of train_n={cfg.train_n}; the cold start "
                          "only teaches the format, the RL must do the rest")
@@ -256,20 +299,14 @@ def main(cfg):
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**asdict(cfg), **run_info()}, indent=2))
     torch.manual_seed(cfg.seed)
-    device = "cpu"  # the GPU path arrives with the gpu24 preset
     t0 = time.time()
-    planner = load_planner(cfg.preset, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                           lora_targets=cfg.lora_targets, device=device)
+    planner = load_planner(cfg.preset, **lora)
     policy, tok = planner.policy, planner.tok
-    print(f"planner: {cfg.preset} in NF4 + LoRA r={cfg.lora_r}, loaded in {time.time() - t0:.1f}s on {device} "
-          "(no CUDA GPU is used yet)")
+    print(f"planner: {cfg.preset} in NF4 + LoRA r={cfg.lora_r}, loaded in {time.time() - t0:.1f}s")
     if cfg.grad_checkpointing:
         planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         planner.model.enable_input_require_grads()
-    train = make_split("train", cfg.train_n, seed=cfg.seed)
-    test = make_split("test", cfg.eval_n, seed=cfg.seed)
-    if not train or not test:
-        raise DataError(f"empty dataset: train_n={cfg.train_n}, eval_n={cfg.eval_n}")
+    train = load_requests(cfg.train_dir, "train", cfg.train_n, seed=cfg.seed)
     metrics = out / "metrics.jsonl"
 
     def log(row):
@@ -285,7 +322,11 @@ def main(cfg):
         log({"phase": phase, "step": step, **scores})
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    if device == "cuda":  # paged 8-bit AdamW: optimizer state in 8 bits, paged out under memory pressure
+        import bitsandbytes as bnb
+        opt = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
     start, history = 0, []
     if cfg.resume:
@@ -315,7 +356,7 @@ def main(cfg):
         batch = random.Random(f"{cfg.seed}:{step}").sample(train, B)
         prompts = [build_prompt(tok, s["instruction"]) for s in batch]
         policy.eval()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen)
         # score all B*G completions in one call; advantages within each group
         rewards, info = paper_rewards(decode(tok, roll), [s for s in batch for _ in range(G)])
@@ -380,4 +421,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(parse_args(sys.argv[1:]))
+    from data import DataError
+    try:
+        main(parse_args(sys.argv[1:]))
+    except DataError as e:  # bad dataset input: the message says what and where; no traceback needed
+        sys.exit(f"error: {e}")

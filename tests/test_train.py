@@ -13,7 +13,8 @@ def test_overrides_and_presets(capsys):
         ("tiny", 2, 1.0, ("q_proj",), "x/y")
     assert cfg.group_size == PRESETS["tiny"]["group_size"]  # from the preset
     assert "override: lora_r = 2" in capsys.readouterr().out
-    assert parse_args([]) == Config()
+    assert parse_args([]) == Config(preset="cpu")  # auto, on a machine without a CUDA GPU
+    assert "preset: cpu (no CUDA GPU)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -185,6 +186,17 @@ def test_adapter_loads_with_peft(tmp_path, monkeypatch):
     assert any(v.abs().sum() > 0 for k, v in loaded.items() if "lora_B" in k)  # trained, not the zero init
 
 
+def test_eval_adapter_reproduces_the_run(tmp_path, monkeypatch):
+    """The saved adapter, loaded through PeftModel.from_pretrained, scores what the run logged at its end."""
+    _, rows = run(tmp_path, monkeypatch, "e")
+    final = [r for r in rows if r["phase"] == "eval"][-1]
+    cfg = parse_args(["--preset=tiny", f"--eval_adapter={tmp_path / 'e' / 'adapter'}"])
+    scores = main(cfg)
+    assert scores == {k: v for k, v in final.items() if k not in ("phase", "step")}
+    with pytest.raises(SystemExit, match="is not an adapter folder"):
+        main(parse_args(["--preset=tiny", f"--eval_adapter={tmp_path}"]))
+
+
 def test_refuses_to_overwrite_and_bad_resume(tmp_path, monkeypatch):
     run(tmp_path, monkeypatch, "a")
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -201,3 +213,49 @@ def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
                                                              torch.tensor(0.0)))
     with pytest.raises(SystemExit, match="non-finite loss 3 steps in a row"):
         run(tmp_path, monkeypatch, "nan", "--steps=5", "--max_bad_steps=3")
+
+
+def test_trains_on_a_dataset_folder(tmp_path, monkeypatch):
+    from data import DataError, make_split, write_folder
+    write_folder(make_split("train", 40), tmp_path / "mine")
+    grpo, rows = run(tmp_path, monkeypatch, "f", f"--train_dir={tmp_path / 'mine'}", f"--eval_dir={tmp_path / 'mine'}")
+    assert len(grpo) == 4 and rows[0]["phase"] == "eval zero-shot"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no metadata.jsonl"):
+        run(tmp_path, monkeypatch, "g", f"--train_dir={tmp_path / 'empty'}")
+    (tmp_path / "nolabels").mkdir()
+    (tmp_path / "nolabels" / "metadata.jsonl").write_text('{"file_name": "a.png", "instruction": "blur it"}\n')
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "nolabels" / "a.png")
+    with pytest.raises(DataError, match="a.png has no action/subject/goal labels"):
+        run(tmp_path, monkeypatch, "h", f"--eval_dir={tmp_path / 'nolabels'}")
+
+
+def test_sigkill_between_checkpoints_loses_nothing_checkpointed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--preset=tiny", f"--out_dir={out}", "--steps=40", "--save_every=3",
+           "--eval_every=100"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "state.pt").exists() and torch.load(out / "state.pt", weights_only=False)["step"] >= 3:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    state = torch.load(out / "state.pt", weights_only=False)  # complete and loadable, whatever moment the kill hit
+    assert state["step"] % 3 == 0 and state["step"] >= 3
+    assert (out / "adapter" / "adapter_config.json").exists()
+    subprocess.run(cmd + ["--resume=True"], cwd=root, env=env, check=True, capture_output=True)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["phase"] == "grpo"] == list(range(1, 41))  # each step logged exactly once
