@@ -112,16 +112,21 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1):
     (the longer one here) computed B instead of N times. Gradients flow through the shared cache into the prompt's
     keys and values, so nothing is approximated."""
     p_ids, p_attn, p_pos = left_pad(prompts, pad_id, ids.device)
-    out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    first = out.logits[:, -1:].repeat_interleave(group_size, 0)                  # (N, 1, V) predicts token 0
-    T = ids.shape[1]
-    attn = torch.cat([p_attn.repeat_interleave(group_size, 0), mask], 1)         # (N, L + T)
-    pos = p_pos[:, -1:].repeat_interleave(group_size, 0) + 1 + torch.arange(T, device=ids.device)  # (N, T)
-    rest = model(input_ids=ids.masked_fill(mask == 0, pad_id), attention_mask=attn, position_ids=pos,
-                 past_key_values=cache, use_cache=True, logits_to_keep=T).logits[:, :-1]  # predicts tokens 1..T-1
-    logits = torch.cat([first, rest], 1)                                         # (N, T, V)
+    T, G = ids.shape[1], group_size
+    ids_in = ids.masked_fill(mask == 0, pad_id)
+    attn = torch.cat([p_attn.repeat_interleave(G, 0), mask], 1)                  # (N, L + T)
+    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        # checkpointed layers cannot keep a KV cache: run every full sequence instead (same numbers, more compute)
+        logits = model(input_ids=torch.cat([p_ids.repeat_interleave(G, 0), ids_in], 1), attention_mask=attn,
+                       position_ids=(attn.cumsum(-1) - 1).clamp(min=0), logits_to_keep=T + 1).logits[:, :-1]
+    else:
+        out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)
+        pos = p_pos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(T, device=ids.device)  # (N, T)
+        rest = model(input_ids=ids_in, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                     use_cache=True, logits_to_keep=T).logits[:, :-1]             # predicts tokens 1..T-1
+        logits = torch.cat([out.logits[:, -1:].repeat_interleave(G, 0), rest], 1)  # (N, T, V)
     logp = F.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
     return logp * mask
 

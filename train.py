@@ -4,6 +4,8 @@ Train the decomposition agent (the planner) with GRPO, on one machine.
     python train.py                          # the cpu preset: SmolLM2-135M in 4-bit + LoRA, on any machine
     python train.py --preset=tiny --steps=4  # a random tiny model, seconds
     python train.py --seed=1 --out_dir=runs/seed1 --resume=True   # any Config field as --key=value
+    python train.py --train_dir=my_data/train --eval_dir=my_data/test     # your own metadata.jsonl folders
+    python train.py --eval_adapter=runs/default/adapter                  # only score a saved adapter
 
 One run: score the base model zero-shot on the held-out split, a short supervised cold start (`sft_steps`, on at
 most 10% of the train split, only so a small model learns the tag format), score again, then GRPO:
@@ -13,9 +15,12 @@ most 10% of the train split, only so a small model learns the tag format), score
     -> per-token clipped surrogate + beta * k3 KL to the reference -> backward in micro-batches -> clip -> step
 
 What is simplified compared with the paper: one policy update per batch, so the ratio is exp(logp - logp.detach())
-(1 in value, the policy gradient in its derivative) and the clip only matters for codes that take several updates;
-the reference is the same 4-bit model with the LoRA adapter disabled; the loss averages tokens per sequence, then
-sequences (the paper's GRPO form, not Dr.GRPO). The planner reads the request only: the cpu model cannot see images.
+(1 in value, the policy gradient in its derivative) and the clip only matters for code that takes several updates;
+the loss averages tokens per sequence, then sequences (the paper's GRPO form, not Dr.GRPO); the planner reads the
+request only (the cpu model cannot see images). The reference is the same 4-bit model with the LoRA adapter
+disabled, so no second copy of the weights; note that this is the base model *before* the cold start, which does not
+write the tags at all, so the KL (about 1 nat per token from the first step) is a weak pull away from the format and
+`beta` is kept small. The cold start's adapter is the one GRPO goes on training.
 
 Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, reward.png, adapter/ (peft),
 state.pt (LoRA weights, optimizer, scheduler, step, RNG). Checkpoints are written atomically every `save_every`
