@@ -150,7 +150,7 @@ def parse_args(argv):
     if preset == "auto":
         preset, why = detect_preset()
         print(f"preset: {preset} ({why})")
-        kv["preset"] = preset
+        kv.pop("preset", None)
     if preset not in PRESETS:
         raise SystemExit(f"error: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg, types = Config(), {f.name: f.type for f in fields(Config)}
@@ -167,6 +167,7 @@ def parse_args(argv):
         setattr(cfg, k, v)
         if k in kv:
             print(f"override: {k} = {v!r}")
+    cfg.preset = preset
     return cfg
 
 
