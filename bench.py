@@ -4,6 +4,7 @@ Benchmarks.
     python bench.py                      # sampler: SmolLM2-135M in 4-bit, G=8, 64 new tokens, 100-token prompt, median of 5
     python bench.py --preset=tiny --repeats=3
     python bench.py load                 # the cpu planner: first load (with the GGUF conversion) and second load
+    python bench.py seeds runs/seed0 runs/seed1 runs/seed2   # the README's table over training runs
 
 sampler: group sampling speed of our KV-cached sampler against Hugging Face `generate`. Both sample with temperature 1 and no stop token, so each call produces exactly G * new_tokens tokens; the prompt
 is the same for both. Tokens per second = G * new_tokens / wall time of one call (prefill included).
@@ -71,8 +72,30 @@ def load():
             print(f"{name} load: {time.perf_counter() - t0:.1f}s")
 
 
+def seeds(*run_dirs):
+    """Held-out scores of several runs of train.py (one per seed): mean +- std per stage, and the GRPO gain."""
+    import json
+    stages = {"eval zero-shot": "base, zero-shot", "eval cold start": "after cold start", "eval": "after GRPO"}
+    keys = ["format", "f1_action", "f1_subject", "f1_goal", "f1", "reward"]
+    runs = []
+    for d in run_dirs:
+        rows = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+        runs.append({name: [r for r in rows if r["phase"] == phase][-1] for phase, name in stages.items()})
+    print("| stage | format | F1 action | F1 subject | F1 goal | F1 mean | reward |\n|---|---|---|---|---|---|---|")
+    for name in stages.values():
+        cells = [[r[name][k] for r in runs] for k in keys]
+        print(f"| {name} | " + " | ".join(f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" for v in cells) + " |")
+    print("\n| run | F1 mean after cold start | F1 mean after GRPO | gain |\n|---|---|---|---|")
+    gains = [r["after GRPO"]["f1"] - r["after cold start"]["f1"] for r in runs]
+    for d, r, g in zip(run_dirs, runs, gains):
+        print(f"| {d} | {r['after cold start']['f1']:.3f} | {r['after GRPO']['f1']:.3f} | {g:+.3f} |")
+    print(f"| mean ± std | | | {statistics.mean(gains):+.3f} ± {statistics.stdev(gains):.3f} |")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["load"]:
         sys.exit(load())
+    if sys.argv[1:2] == ["seeds"]:
+        sys.exit(seeds(*sys.argv[2:]))
     kw = dict(a[2:].split("=", 1) for a in sys.argv[1:])
     main(**{k: (v if k == "preset" else int(v)) for k, v in kw.items()})
