@@ -13,6 +13,7 @@ model of GRPO is the same object with the adapter disabled (`with policy.disable
 copy of the weights is ever held.
 """
 import importlib.util
+import re
 import os
 import shutil
 import tempfile
@@ -135,13 +136,45 @@ def _no_avx512_repack(model):
     return n
 
 
+def _load_nf4(folder, dtype, device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                             bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head"])
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype, device_map={"": device})
+
+
+def dequantized_folder(folder, dtype=torch.float32):
+    """A plain copy of `folder` whose weights are the NF4 weights dequantized: the numbers the 4-bit model computes
+    with, stored once, so inference skips both the quantization at load and the dequantization at every forward
+    pass (several times faster on a CPU). Built on first use beside `folder` (cached)."""
+    final = Path(folder).parent / f"{Path(folder).name}-nf4-dequantized"
+    if (final / "model.safetensors").exists():
+        return final
+
+    def build(tmp):
+        import bitsandbytes as bnb
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        q = _load_nf4(folder, dtype, "cpu")
+        weights = {f"{n}.weight": bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(dtype)
+                   for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        plain = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        missing = set(weights) - set(plain.state_dict())
+        assert not missing, f"dequantized weights with no place in the plain model: {sorted(missing)[:3]}"
+        plain.load_state_dict(weights, strict=False)
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+
+    return _atomic_folder(final, build)
+
+
 def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                  lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), adapter=None, device="cpu",
-                 dtype=torch.float32):
+                 dtype=torch.float32, dequantized=False):
     """Load the planner of a preset in NF4 and wrap it in LoRA (a fresh adapter, or a saved one from `adapter`).
-    `folder` overrides where the weights come from (the tiny preset builds its model there)."""
+    `folder` overrides where the weights come from (the tiny preset builds its model there). `dequantized=True`
+    (inference: edit.py) loads the same NF4 numbers stored in full precision, see `dequantized_folder`."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if preset == "cpu":
         folder = folder or smollm2_folder()[0]
@@ -151,18 +184,18 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
         raise NotImplementedError(f"the gpu24 planner ({QWEN_VL}) arrives with the GPU issue; use --preset=cpu")
     else:
         raise ValueError(f"unknown preset {preset!r}: choose cpu, tiny or gpu24")
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                             bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head"])
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype,
-                                                 device_map={"": device})
+    if dequantized:
+        model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder, dtype), dtype=dtype).to(device)
+    else:
+        model = _load_nf4(folder, dtype, device)
+        _no_avx512_repack(model)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
-    _no_avx512_repack(model)
     model.config.use_cache = True
     for p in model.parameters():  # the base is frozen; only LoRA trains
         p.requires_grad_(False)
     if adapter:
-        policy = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        policy = PeftModel.from_pretrained(model, adapter, is_trainable=not dequantized)
     else:
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(lora_targets), task_type="CAUSAL_LM")
@@ -241,3 +274,66 @@ def unload(name=None):
     """Drop one agent (or all) so that its memory can be freed; the next `agent(name)` loads it again."""
     for n in [name] if name else list(_loaded):
         _loaded.pop(n, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sequencing agent: a decomposition -> ordered atomic sub-requests.
+
+# The rule order, by stage: geometry first (later masks are found on the final frame), then removals and background
+# swaps (so later edits see what is left), local colour edits, global tone, finishing effects last (grain or blur
+# applied early would be undone or amplified by the edits after it).
+STAGES = [("crop", "rotate", "flip"), ("remove", "replace background"), ("recolor",),
+          ("brighten", "darken", "increase contrast", "decrease contrast", "saturate", "desaturate", "grayscale",
+           "sepia", "warm", "cool"),
+          ("denoise", "sharpen", "blur", "vignette", "pixelate", "add grain")]
+STAGE = {a: i for i, actions in enumerate(STAGES) for a in actions}
+SEQUENCER = ("You order image edits. Apply geometry (crop, rotate, flip) first, then removals and background "
+             "changes, then colour changes of objects, then global tone, and finishing effects (blur, sharpen, "
+             "vignette, grain, pixelate) last. Answer only with the edit numbers in order, comma separated.\n"
+             "Example. Edits: 1. blur the background 2. crop the whole image: square. Answer: 2, 1")
+
+
+@dataclass
+class Step:
+    action: str
+    subject: str
+    goal: str
+
+    @property
+    def text(self):
+        """The atomic sub-request, in words: 'recolor the coat: scarlet'."""
+        return f"{self.action} the {self.subject}" + (f": {self.goal}" if self.goal and self.goal != "full" else "")
+
+
+def rule_order(steps):
+    """Stable sort by stage; actions the table does not know (a generative editor's free text) go with tone."""
+    return sorted(steps, key=lambda s: STAGE.get(s.action, 3))
+
+
+def sequence(plan, planner=None):
+    """Order a parsed plan ({'action': [...], 'subject': [...], 'goal': [...]}) into Steps.
+    Returns (steps, how): how says whether the model's order was used or why the rules took over.
+    The model is the planner's base with the LoRA adapter switched off (zero-shot, as in the paper, no extra memory);
+    it answers with the edit numbers in order, its tokens constrained to digits, commas and spaces (a 135M model
+    left free restates the list instead). Anything but a permutation (a repeat, a dropped or invented number)
+    falls back to `rule_order`."""
+    steps = [Step(a, s, g) for a, s, g in zip(plan["action"], plan["subject"], plan["goal"])]
+    if len(steps) < 2:
+        return steps, "single step: nothing to order"
+    if planner is None:
+        return rule_order(steps), "rules (no sequencing model)"
+    from rollout import build_prompt, decode, sample_group, stop_ids
+    listing = " ".join(f"{i + 1}. {s.text}" for i, s in enumerate(steps))
+    prompt = build_prompt(planner.tok, f"Edits: {listing}", system=SEQUENCER)
+    planner.policy.eval()
+    with torch.no_grad(), planner.policy.disable_adapter():
+        digits = planner.tok(", ".join(str(i + 1) for i in range(len(steps))) + " ,",
+                             add_special_tokens=False)["input_ids"]
+        roll = sample_group(planner.policy, [prompt], 1, 3 * len(steps) + 2, stop_ids(planner.tok),
+                            planner.tok.pad_token_id, temperature=0, allowed=digits)
+    answer = decode(planner.tok, roll)[0]
+    order = [int(n) - 1 for n in re.findall(r"\d+", answer)][:len(steps)]  # a small model may run on: 1, 2, 1,
+    if sorted(order) != list(range(len(steps))):
+        return rule_order(steps), f"rules (the model's answer {answer.strip()[:60]!r} is not an order of " \
+                                  f"1..{len(steps)})"
+    return [steps[i] for i in order], f"model ({answer.strip()!r})"

@@ -140,19 +140,41 @@ def builtin_image(name, size=256):
     return _builtin(name, size).copy()
 
 
-def load_image(path):
-    """Open an image file as RGB, upright per its EXIF orientation. Fully loaded, so a truncated file fails here."""
+def open_image(path):
+    """Open an image file upright (EXIF orientation applied), fully loaded, in its own mode."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise DataError(f"image {p} not found")
     try:
         with Image.open(p) as im:
             im.load()  # Image.open is lazy: without this a truncated file would fail later, far from its name
-            return ImageOps.exif_transpose(im).convert("RGB")
+            return ImageOps.exif_transpose(im)
     except Image.UnidentifiedImageError as e:
         raise DataError(f"{p} is not an image PIL can read") from e
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{p} is too large to open safely ({e})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{p}: cannot read image (truncated or corrupt): {e}") from e
+
+
+def to_rgb(im):
+    """Any PIL mode -> (RGB image, alpha channel as an "L" image or None). 16-bit and float greys are scaled to
+    8 bits by their range (a plain convert("RGB") clips them to white); palette and grey-with-alpha images keep
+    their transparency; CMYK goes through PIL's conversion."""
+    import numpy as np
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 255.0 if a.max() <= 255 else 65535.0 if a.max() <= 65535 else a.max()
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    alpha = im.getchannel("A") if im.mode == "RGBA" else None
+    return im.convert("RGB"), alpha
+
+
+def load_image(path):
+    """Open an image file as RGB, upright per its EXIF orientation. Fully loaded, so a truncated file fails here."""
+    return to_rgb(open_image(path))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,51 +1,200 @@
 """
-Edit an image with a natural-language request.
+Edit an image with a natural-language request, on a machine without a GPU.
 
     python edit.py photo.png "make her coat red and blur the background"
-    python edit.py photo.png "it is far too dark" --adapter runs/default/adapter --preset cpu
+    python edit.py photo.png "it is far too dark" --adapter runs/default/adapter --out dark_fixed.png --compare
+    python edit.py photo.png "crop it square" --preset tiny --force      # any preset; --force overwrites --out
 
-State of this file: the planner step works today. It checks the image and the request, asks the decomposition
-agent (the preset's planner, with a trained LoRA adapter when given) for actions, subjects and goals, and prints
-them. The sequencing, region and editing agents that change the pixels land with the agent-team issue, so no image
-is written yet.
+What happens: the perception agents describe the image in a line of text (the cpu planner cannot see), the planner
+(the decomposition agent: base model + a trained LoRA adapter) writes <action><subject><goal>, the sequencing agent
+orders the items into sub-requests, and for each one a region agent finds where it applies and the CPU retouch
+editor changes those pixels. Perception and regions run on a copy of at most 512 pixels a side; the edits are
+applied to the full-resolution image.
+
+Writes: the edited image (`--out`, default `<image>_edited.png` beside the input), a JSON trace beside it
+(`<out>.json`: plan, order, every step's region, agent, time and error, the agents loaded), and with `--compare` a
+side-by-side picture (`<out>_compare.png`). Nothing is overwritten without `--force`, and never the input.
+With no `--adapter` the newest adapter under `runs/` is used if there is one, else the base planner.
+
+Simplified: the sequencing agent's model answer is used for the gpu24 preset; the 135M cpu planner zero-shot only
+repeats the order it is given (see the README), so the cpu preset orders with rules unless `--sequencer=model`.
 """
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
+
+WORK_SIZE = 512  # perception and region agents see at most this many pixels a side
+
+
+def newest_adapter(root="runs"):
+    """The adapter folder under root/*/adapter saved last, or None."""
+    found = [p.parent for p in Path(root).glob("*/adapter/adapter_config.json")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def output_paths(args):
+    """(image, trace, compare) paths; errors out before any work if one would overwrite something."""
+    src = Path(args.image)
+    out = Path(args.out) if args.out else src.with_name(f"{src.stem}_edited.png")
+    from PIL import Image
+    if out.suffix.lower() not in Image.registered_extensions():
+        sys.exit(f"error: cannot write {out}: unknown image extension {out.suffix!r} (use .png or .jpg)")
+    if out.exists() and out.resolve() == src.resolve():
+        sys.exit(f"error: --out {out} is the input image; edit.py never writes over its input")
+    paths = (out, out.with_suffix(".json"), out.with_name(f"{out.stem}_compare.png") if args.compare else None)
+    taken = [str(p) for p in paths if p is not None and p.exists()]
+    if taken and not args.force:
+        sys.exit(f"error: {', '.join(taken)} already exists; pass --force to overwrite or choose another --out")
+    if not out.parent.is_dir():
+        sys.exit(f"error: cannot write {out}: folder {out.parent} does not exist")
+    return paths
+
+
+def check_instruction(text):
+    text = " ".join(text.split())
+    if not text:
+        sys.exit('error: the instruction is empty; say what to change, e.g. "make the sky bluer"')
+    if not any(c.isalpha() for c in text):
+        sys.exit(f"error: the instruction {text!r} has no words; say what to change")
+    if len(text) > 1000:
+        sys.exit(f"error: the instruction is {len(text)} characters long; keep it under 1000 (one request)")
+    return text
+
+
+def compare_picture(before, after, instruction, trace):
+    """before | after at the same height, the request and the steps as captions underneath."""
+    from PIL import Image, ImageDraw, ImageFont
+    h = 384
+    a, b = (im.resize((max(1, round(im.width * h / im.height)), h)) for im in (before, after))
+    lines = [f"request: {instruction}"] + [f"{r['step']}. {r['text']}  [{r.get('region', '')}]"
+                                            + (f"  FAILED: {r['error']}" if "error" in r else "") for r in trace]
+    font = ImageFont.load_default(size=14)
+    pic = Image.new("RGB", (a.width + b.width + 8, h + 20 * len(lines) + 12), "white")
+    pic.paste(a, (0, 0))
+    pic.paste(b, (a.width + 8, 0))
+    d = ImageDraw.Draw(pic)
+    for i, line in enumerate(lines):
+        d.text((6, h + 6 + 20 * i), line[:160], "black", font)
+    return pic
+
+
+def save_atomic(write, path):
+    """Write to a temporary name, then rename: an interrupted run never leaves half a file at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image")
     ap.add_argument("instruction")
-    ap.add_argument("--adapter", help="a LoRA adapter folder saved by train.py (default: the base planner)")
-    ap.add_argument("--preset", default="cpu", choices=["cpu", "tiny"])
+    ap.add_argument("--adapter", help="a LoRA adapter folder saved by train.py (default: the newest under runs/)")
+    ap.add_argument("--base", action="store_true", help="use the base planner even if runs/ has an adapter")
+    ap.add_argument("--preset", default="cpu", choices=["cpu", "tiny", "gpu24"])
+    ap.add_argument("--out", help="where to write the edited image (default: <image>_edited.png)")
+    ap.add_argument("--compare", action="store_true", help="also write a before | after picture")
+    ap.add_argument("--force", action="store_true", help="overwrite existing outputs (never the input)")
+    ap.add_argument("--sequencer", choices=["auto", "model", "rules"], default="auto",
+                    help="order the edits with the base model (LoRA off) or rules; auto: model on gpu24 only")
+    ap.add_argument("--describe", action=argparse.BooleanOptionalAction, default=None,
+                    help="give the planner the perception text of the image (default: for text-only planners)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     args = ap.parse_args(argv)
+    t_start = time.time()
 
-    from data import DataError, load_image
-    if not args.instruction.strip():
-        sys.exit("error: the instruction is empty; say what to change, e.g. \"make the sky bluer\"")
+    instruction = check_instruction(args.instruction)
+    out, trace_path, compare_path = output_paths(args)
+    from data import DataError, open_image, to_rgb
     try:
-        image = load_image(args.image)
+        original = open_image(args.image)
     except DataError as e:
         sys.exit(f"error: {e}")
-    print(f"image: {args.image} ({image.width}x{image.height})")
+    rgb, alpha = to_rgb(original)
+    print(f"image: {args.image} ({rgb.width}x{rgb.height}, mode {original.mode})")
 
-    from agents import load_planner
+    import numpy as np
+
+    import agents
+    import regions
     from reward import parse
-    from rollout import greedy_plans
-    planner = load_planner(args.preset, adapter=args.adapter)
-    print(f"planner: {args.preset}, " + (f"adapter {args.adapter}" if args.adapter else "base model, no adapter"))
-    text = greedy_plans(planner, [args.instruction], args.max_new_tokens)[0]
+    from rollout import _downscale, greedy_plans, run_steps
+    adapter = args.adapter or (None if args.base else newest_adapter())
+    if adapter and not (Path(adapter) / "adapter_config.json").exists():
+        sys.exit(f"error: {adapter} is not an adapter folder (no adapter_config.json); train one with `make train`")
+    t0 = time.time()
+    try:
+        planner = agents.load_planner(args.preset, adapter=adapter, dequantized=True)
+    except (NotImplementedError, RuntimeError, ValueError, OSError) as e:
+        sys.exit(f"error: cannot load the {args.preset} planner" + (f" with adapter {adapter}" if adapter else "")
+                 + f": {e}")
+    seconds = {"load_planner": round(time.time() - t0, 2)}
+    print(f"planner: {args.preset}, " + (f"adapter {adapter}" + ("" if args.adapter else " (newest under runs/)")
+                                        if adapter else "base model, no adapter (train one with `make train`)"))
+
+    arr = np.asarray(rgb)
+    description = None
+    if args.describe if args.describe is not None else args.preset != "gpu24":  # gpu24's planner sees the image
+        t0 = time.time()
+        description = regions.describe(_downscale(arr, WORK_SIZE))
+        seconds["perception"] = round(time.time() - t0, 2)
+        print(f"perception: {description}")
+    t0 = time.time()
+    text = greedy_plans(planner, [instruction], args.max_new_tokens, descriptions=[description])[0]
+    seconds["plan"] = round(time.time() - t0, 2)
     plan = parse(text)
     print(f"planner output: {text!r}")
     if not plan["ok"]:
-        print("the output does not follow the <action><subject><goal> format (an untrained planner rarely does; "
-              "train one with `make train`)")
-    for i, edit in enumerate(zip(plan["action"], plan["subject"], plan["goal"])):
-        print(f"  edit {i + 1}: action={edit[0]!r} subject={edit[1]!r} goal={edit[2]!r}")
-    print("note: the editing agents are not built yet, so no image is written")
-    return plan
+        sys.exit("error: the planner's output does not follow the <action><subject><goal> format, so there is "
+                 "nothing to apply (an untrained planner rarely does; train one with `make train`); "
+                 "nothing was written")
+
+    use_model = args.sequencer == "model" or (args.sequencer == "auto" and args.preset == "gpu24")
+    t0 = time.time()
+    steps, how = agents.sequence(plan, planner if use_model else None)
+    seconds["sequence"] = round(time.time() - t0, 2)
+    print(f"order ({how}):")
+    for i, s in enumerate(steps):
+        print(f"  {i + 1}. {s.text}")
+
+    t0 = time.time()
+    edited, trace = run_steps(arr, steps, WORK_SIZE)
+    seconds["steps"] = round(time.time() - t0, 2)
+    for r in trace:
+        print(f"  step {r['step']}: {r['text']:<40} {r.get('region', '')} ({r['seconds']:.2f}s)"
+              + (f"  FAILED: {r['error']}" if "error" in r else ""))
+    if all("error" in r for r in trace):
+        sys.exit("error: no step could be applied (see above); nothing was written")
+
+    from PIL import Image
+    result = Image.fromarray(edited)
+    if alpha is not None and out.suffix.lower() in (".png", ".webp", ".tif", ".tiff"):
+        if edited.shape[:2] != arr.shape[:2] or any(r["action"] in ("crop", "rotate", "flip") for r in trace):
+            alpha_arr, _ = run_steps(np.repeat(np.asarray(alpha)[..., None], 3, -1),
+                                     [s for s in steps if s.action in ("crop", "rotate", "flip")])
+            alpha = Image.fromarray(alpha_arr[..., 0])
+        result.putalpha(alpha)  # transparency survives the edit (and moves with crops, turns and flips)
+    save_atomic(result.save, out)
+    seconds["total"] = round(time.time() - t_start, 2)
+    record = {"image": str(args.image), "instruction": instruction, "preset": args.preset,
+              "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height],
+              "size_out": [result.width, result.height], "description": description, "planner_output": text,
+              "plan": {k: plan[k] for k in ("action", "subject", "goal")}, "sequencing": how, "steps": trace,
+              "agents_loaded": agents.loaded(), "agent_load_seconds": {k: round(v, 2) for k, v in
+                                                                       agents.LOAD_SECONDS.items()},
+              "seconds": seconds, "output": str(out)}
+    save_atomic(lambda p: p.write_text(json.dumps(record, indent=1)), trace_path)
+    if compare_path:
+        save_atomic(compare_picture(rgb, result.convert("RGB"), instruction, trace).save, compare_path)
+    print(f"wrote {out} and {trace_path}" + (f" and {compare_path}" if compare_path else "")
+          + f"; agents loaded: {', '.join(agents.loaded())}; {seconds['total']:.1f}s")
+    return record
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ SYSTEM = ("You split an image edit request into single edits. Answer only in thi
           "replace background.")
 
 
-def build_prompt(tok, instruction, description=None):
+def build_prompt(tok, instruction, description=None, system=SYSTEM):
     """Token ids (list[int]) of the chat prompt for one request. `description` is the text the CPU perception
     agents write about the image, for a planner that cannot see it."""
     user = f"Image: {description}\nRequest: {instruction}" if description else f"Request: {instruction}"
-    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return tok(text, add_special_tokens=False)["input_ids"]
 
@@ -67,9 +67,11 @@ class Rollout:
 
 @torch.no_grad()
 def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, temperature=1.0, top_p=1.0,
-                 generator=None):
+                 generator=None, allowed=None):
     """Sample `group_size` completions for each prompt (a list of B token-id lists) with a shared KV cache.
-    temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout."""
+    temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout.
+    `allowed` (token ids) restricts which tokens may be drawn (the sequencer's constrained answer); the log-probs
+    stay those of the model's full distribution."""
     device = next(model.parameters()).device
     ids, attn, pos = left_pad(prompts, pad_id, device)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -82,8 +84,14 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     N = logits.shape[0]
     done = torch.zeros(N, dtype=torch.bool, device=device)
     toks, lps, masks = [], [], []
+    if allowed is not None:
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+        keep[torch.tensor(sorted(set(allowed) | set(stop.tolist())), device=device)] = True
     for _ in range(max_new_tokens):
         logits = logits.float()
+        full = logits
+        if allowed is not None:
+            logits = logits.masked_fill(~keep, float("-inf"))
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
@@ -91,7 +99,7 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         tok = tok.masked_fill(done, pad_id)
         toks.append(tok)
-        lps.append(F.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
+        lps.append(F.log_softmax(full, -1).gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
         masks.append(~done)
         done = done | torch.isin(tok, stop)
         if done.all():
@@ -137,12 +145,65 @@ def decode(tok, rollout):
 
 
 @torch.no_grad()
-def greedy_plans(planner, instructions, max_new_tokens, batch=16):
-    """Greedy completions (text) for a list of requests, `batch` prompts decoded together."""
+def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=None):
+    """Greedy completions (text) for a list of requests, `batch` prompts decoded together. `descriptions`: the
+    perception text of each request's image, or None."""
     tok, texts = planner.tok, []
+    descriptions = descriptions or [None] * len(instructions)
     planner.policy.eval()
     for i in range(0, len(instructions), batch):
-        prompts = [build_prompt(tok, x) for x in instructions[i:i + batch]]
+        prompts = [build_prompt(tok, x, d) for x, d in zip(instructions[i:i + batch], descriptions[i:i + batch])]
         r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok), tok.pad_token_id, temperature=0)
         texts += decode(tok, r)
     return texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running a plan: each step's region is found on a copy of at most `work_size` pixels a side, its mask is scaled up,
+# and the edit is applied at full resolution, so a 24-megapixel photo costs the region agents no more than a small
+# one. Nothing here raises for a step that fails: the step is skipped and the trace says why (a planner can write
+# an action no editor knows; a caller decides what a run with failed steps means).
+
+
+def _downscale(arr, work_size):
+    import cv2
+    h, w = arr.shape[:2]
+    s = work_size / max(h, w)
+    return arr if s >= 1 else cv2.resize(arr, (max(1, round(w * s)), max(1, round(h * s))),
+                                         interpolation=cv2.INTER_AREA)
+
+
+def run_steps(image, steps, work_size=512):
+    """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step)."""
+    import time
+
+    import cv2
+
+    import agents
+    import regions
+    from reward import normalize
+    trace = []
+    for i, step in enumerate(steps):
+        t0, rec = time.time(), {"step": i + 1, "action": step.action, "subject": step.subject, "goal": step.goal,
+                                "text": step.text}
+        trace.append(rec)
+        editor = agents.agent("retouch")
+        action = normalize(step.action, "action")
+        try:
+            if action not in editor.ACTIONS:
+                raise editor.EditError(f"the CPU editor has no action {step.action!r}")
+            mask = None
+            if action not in editor.GEOMETRY:
+                region = regions.find(_downscale(image, work_size), step.subject)
+                rec.update(agent=region.agent, region=region.note, area=round(float(region.mask.mean()), 4))
+                if action == "remove" and region.agent == "whole":
+                    raise editor.EditError(f"nothing to remove: {region.note}")
+                h, w = image.shape[:2]
+                mask = cv2.resize(region.mask, (w, h), interpolation=cv2.INTER_LINEAR)
+            else:
+                rec.update(agent="none", region="the whole frame (geometry)", area=1.0)
+            image = editor.apply(image, action, step.goal, mask)
+        except Exception as e:  # a failing agent skips its step, loudly, and the run goes on
+            rec["error"] = f"{type(e).__name__}: {e}"
+        rec["seconds"] = round(time.time() - t0, 3)
+    return image, trace

@@ -56,6 +56,7 @@ class Config:
     train_dir: str = ""                  # a metadata.jsonl folder with labels to train on instead
     eval_dir: str = ""                   # a metadata.jsonl folder with labels for the held-out scores instead
     train_n: int = 2000                  # train requests used (the RL prompts; first train_n of a folder)
+    describe: bool = True                # prompts carry the perception text of the request's image (edit.py does)
     # supervised cold start (format only)
     sft_n: int = 100                     # labelled requests for the cold start, at most 10% of train_n
     sft_steps: int = 20                  # optimizer steps of the cold start (0: none)
@@ -86,7 +87,8 @@ class Config:
 PRESETS = {
     "cpu": {},
     "tiny": dict(lora_r=4, lora_alpha=8, train_n=40, sft_n=4, sft_steps=2, sft_batch=2, steps=4, batch_prompts=2,
-                 group_size=4, max_new_tokens=12, eval_n=4, eval_batch=4, eval_every=2, save_every=2, lr=1e-2),
+                 group_size=4, max_new_tokens=12, eval_n=4, eval_batch=4, eval_every=2, save_every=2, lr=1e-2,
+                 describe=False),
     "gpu24": dict(lora_r=64, lora_alpha=128, max_new_tokens=128, batch_prompts=8, eval_batch=32,
                   grad_checkpointing=True),
 }
@@ -176,11 +178,31 @@ def evaluate(planner, samples, cfg):
     field, mean F1 and mean reward, plus the completions."""
     from reward import paper_rewards
     from rollout import greedy_plans
-    texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch)
+    texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch,
+                         [s.get("description") for s in samples])
     rewards, info = paper_rewards(texts, samples)
     out = {k: round(v.mean().item(), 4) for k, v in info.items()}
     out["reward"] = round(rewards.mean().item(), 4)
     return out, texts
+
+
+def describe_images(samples):
+    """Add the perception text of each sample's image ("description"), the line edit.py gives the planner.
+    Each distinct image is described once (built-in ones at 512 px, the size edit.py's agents work at)."""
+    import numpy as np
+
+    from data import builtin_image, load_image
+    from edit import WORK_SIZE
+    from regions import describe
+    from rollout import _downscale
+    seen = {}
+    for s in samples:
+        key = s.get("image_path") or s["image"]
+        if key not in seen:
+            img = load_image(key) if "image_path" in s else builtin_image(key, WORK_SIZE)
+            seen[key] = describe(_downscale(np.asarray(img), WORK_SIZE))
+        s["description"] = seen[key]
+    return samples
 
 
 def load_requests(folder, split, n, seed):
@@ -206,7 +228,7 @@ def sft(planner, samples, cfg):
     policy.train()
     for step in range(cfg.sft_steps):
         batch = rng.sample(samples, min(cfg.sft_batch, len(samples)))
-        prompts = [build_prompt(tok, s["instruction"]) for s in batch]
+        prompts = [build_prompt(tok, s["instruction"], s.get("description")) for s in batch]
         targets = [tok(format_plan(s["action"], s["subject"], s["goal"]), add_special_tokens=False)["input_ids"]
                    + [end] for s in batch]
         T = max(len(t) for t in targets)
@@ -287,6 +309,8 @@ def main(cfg):
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                 lora_targets=cfg.lora_targets, device=device)
     test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)  # the same whatever the seed, so seeds compare
+    if cfg.describe:
+        describe_images(test)
     if cfg.eval_adapter:
         if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
             raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
@@ -313,6 +337,11 @@ def main(cfg):
         planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         planner.model.enable_input_require_grads()
     train = load_requests(cfg.train_dir, "train", cfg.train_n, seed=cfg.seed)
+    if cfg.describe:
+        t0 = time.time()
+        describe_images(train)
+        print(f"perception text for {len({s.get('image_path') or s['image'] for s in train})} images in "
+              f"{time.time() - t0:.0f}s, e.g. {train[0]['description']!r}")
     metrics = out / "metrics.jsonl"
 
     def log(row):
@@ -360,7 +389,7 @@ def main(cfg):
         t = time.time()
         # sample: B prompts, G completions each; prompts and tokens are fixed by (seed, step), so runs replay
         batch = random.Random(f"{cfg.seed}:{step}").sample(train, B)
-        prompts = [build_prompt(tok, s["instruction"]) for s in batch]
+        prompts = [build_prompt(tok, s["instruction"], s.get("description")) for s in batch]
         policy.eval()
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen)

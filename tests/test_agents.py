@@ -92,3 +92,76 @@ def test_first_load_converts(tmp_path, monkeypatch):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'big'"):
         load_planner("big")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the lazy registry and the sequencing agent
+
+def test_importing_agents_loads_no_model():
+    import subprocess
+    import sys
+    code = ("import sys, agents; heavy = ('cv2', 'mediapipe', 'rapidocr_onnxruntime', 'editor', 'regions'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy), agents.loaded())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] []"
+
+
+def test_registry_loads_once_and_fakes_swap_in(monkeypatch):
+    import agents
+    calls = []
+    monkeypatch.setitem(agents.LOADERS, "fake", lambda: calls.append(1) or "the agent")
+    assert agents.agent("fake") == "the agent" and agents.agent("fake") == "the agent"
+    assert calls == [1] and "fake" in agents.loaded() and agents.LOAD_SECONDS["fake"] >= 0
+    agents.unload("fake")
+    assert "fake" not in agents.loaded()
+    with pytest.raises(KeyError, match="no agent called 'nope'"):
+        agents.agent("nope")
+
+
+PLAN = {"action": ["add grain", "recolor", "crop", "brighten", "remove"],
+        "subject": ["whole image", "coat", "whole image", "face", "text"],
+        "goal": ["slightly", "scarlet", "16:9", "strongly", "full"]}
+
+
+def test_rule_order_stages_and_stability():
+    from agents import sequence
+    steps, how = sequence(PLAN)
+    assert [s.action for s in steps] == ["crop", "remove", "recolor", "brighten", "add grain"]
+    assert how.startswith("rules") and steps[2].text == "recolor the coat: scarlet"
+    two = {"action": ["blur", "sharpen"], "subject": ["left", "right"], "goal": ["slightly", "strongly"]}
+    assert [s.subject for s in sequence(two)[0]] == ["left", "right"]  # same stage: the plan's order is kept
+    one = {"action": ["blur"], "subject": ["background"], "goal": ["strongly"]}
+    assert sequence(one, planner="unused")[1] == "single step: nothing to order"
+
+
+@pytest.mark.parametrize("answer,used", [("2, 1, 3, 5, 4", "model"), ("5, 4, 3, 2, 1, 5,", "model"),
+                                         ("1, 1, 2", "rules"), ("1, 2", "rules"), ("", "rules"), ("9, 1, 2, 3, 4", "rules")])
+def test_sequencer_model_answer_or_fallback(tiny, monkeypatch, answer, used):
+    import rollout
+    from agents import sequence
+    monkeypatch.setattr(rollout, "decode", lambda tok, roll: [answer])
+    steps, how = sequence(PLAN, tiny)
+    assert how.startswith(used), how
+    if used == "model":
+        order = [int(n) - 1 for n in answer.replace(",", " ").split()][:5]
+        assert [s.action for s in steps] == [PLAN["action"][i] for i in order]
+    else:
+        assert [s.action for s in steps] == ["crop", "remove", "recolor", "brighten", "add grain"]
+        assert "not an order of 1..5" in how
+
+
+def test_sequencer_real_model_answers_in_digits(tiny):
+    from agents import sequence
+    steps, how = sequence(PLAN, tiny)  # the random model's constrained answer: digits and commas only
+    assert sorted(s.action for s in steps) == sorted(PLAN["action"])
+    answer = how.split("(", 1)[1]
+    assert set(answer) <= set("0123456789, '\")") or answer.startswith("the model's answer")
+
+
+def test_sampler_allowed_tokens(tiny):
+    tok = tiny.tok
+    allowed = tok("1, 2, 3", add_special_tokens=False)["input_ids"]
+    r = sample_group(tiny.policy, [build_prompt(tok, "order these")], 4, 10, stop_ids(tok), tok.pad_token_id,
+                     temperature=1.0, generator=torch.Generator().manual_seed(0), allowed=allowed)
+    drawn = set(r.ids[r.mask.bool()].tolist())
+    assert drawn and drawn <= set(allowed) | set(stop_ids(tok))

@@ -1,27 +1,173 @@
+"""edit.py end to end. The planner is swapped for a fixed answer (its own tests are elsewhere) so that these tests
+check what edit.py does with a plan: the agents, the files it writes, and every kind of bad input."""
+import json
+
+import numpy as np
 import pytest
 from PIL import Image
 
+import agents
 import edit
+import rollout
+from data import builtin_image
+
+PLANS = {"face+bg": "<action>brighten; blur</action><subject>face; background</subject><goal>strongly; strongly</goal>",
+         "flip": "<action>flip</action><subject>whole image</subject><goal>horizontal</goal>",
+         "crop+gray": "<action>grayscale; crop</action><subject>whole image; whole image</subject><goal>full; 16:9"
+                      "</goal>"}
 
 
-def test_bad_inputs(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist|not found"):
-        edit.main([str(tmp_path / "missing.png"), "blur it"])
+@pytest.fixture
+def planner_says(monkeypatch):
+    """Make the planner answer `text`, without loading a model."""
+    def say(text):
+        monkeypatch.setattr(agents, "load_planner", lambda preset, adapter=None, dequantized=False: "planner")
+        monkeypatch.setattr(rollout, "greedy_plans", lambda planner, xs, n, descriptions=None: [text])
+    return say
+
+
+@pytest.fixture
+def photo(tmp_path):
+    p = tmp_path / "astronaut.png"
+    builtin_image("astronaut", 512).save(p)
+    return p
+
+
+def run(*argv):
+    return edit.main([str(a) for a in argv] + ["--base"])
+
+
+def test_two_steps_in_order_with_trace_and_compare(planner_says, photo):
+    planner_says(PLANS["face+bg"])
+    rec = run(photo, "make his face much brighter and blur the background a lot", "--compare")
+    out = photo.with_name("astronaut_edited.png")
+    trace = json.loads(out.with_suffix(".json").read_text())
+    assert trace["plan"]["action"] == ["brighten", "blur"] and trace == json.loads(json.dumps(rec))
+    assert [s["text"] for s in trace["steps"]] == ["brighten the face: strongly", "blur the background: strongly"]
+    assert [s["agent"] for s in trace["steps"]] == ["face", "background"]
+    assert all("error" not in s and s["seconds"] > 0 for s in trace["steps"])
+    before, after = np.asarray(Image.open(photo), float), np.asarray(Image.open(out).convert("RGB"), float)
+    assert after.shape == before.shape and np.abs(after - before).mean() > 1
+    pic = Image.open(photo.with_name("astronaut_edited_compare.png"))
+    assert pic.width == 2 * 384 + 8 and pic.height > 384
+    assert trace["description"] and "person" in trace["description"]
+
+
+def test_loads_only_the_agents_the_plan_uses(planner_says, photo):
+    agents.unload()
+    planner_says(PLANS["flip"])
+    rec = run(photo, "mirror it", "--no-describe")
+    assert rec["agents_loaded"] == ["retouch"] and rec["description"] is None
+    out = np.asarray(Image.open(rec["output"]))
+    assert np.array_equal(out, np.asarray(Image.open(photo))[:, ::-1])
+
+
+def test_refuses_to_overwrite(planner_says, photo, tmp_path):
+    planner_says(PLANS["flip"])
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"precious")
+    with pytest.raises(SystemExit, match="already exists; pass --force"):
+        run(photo, "mirror it", "--out", out, "--no-describe")
+    assert out.read_bytes() == b"precious"
+    run(photo, "mirror it", "--out", out, "--no-describe", "--force")
+    assert Image.open(out).size == (512, 512)
+    before = photo.read_bytes()
+    with pytest.raises(SystemExit, match="is the input image"):
+        run(photo, "mirror it", "--out", photo, "--force", "--no-describe")
+    assert photo.read_bytes() == before
+    with pytest.raises(SystemExit, match="unknown image extension '.txt'"):
+        run(photo, "mirror it", "--out", tmp_path / "x.txt")
+
+
+def test_bad_inputs(planner_says, photo, tmp_path):
+    planner_says(PLANS["flip"])
+    with pytest.raises(SystemExit, match="not found"):
+        run(tmp_path / "missing.png", "blur it")
     junk = tmp_path / "notes.png"
     junk.write_text("not an image")
-    with pytest.raises(SystemExit, match="not an image|cannot identify|not a readable image"):
-        edit.main([str(junk), "blur it"])
-    ok = tmp_path / "ok.png"
-    Image.new("RGB", (8, 8)).save(ok)
-    with pytest.raises(SystemExit, match="instruction is empty"):
-        edit.main([str(ok), "   "])
+    with pytest.raises(SystemExit, match="not an image PIL can read"):
+        run(junk, "blur it")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(photo.read_bytes()[:5000])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        run(cut, "blur it")
+    for words, why in [("   ", "instruction is empty"), ("!!! ???", "has no words"), ("a" * 1001, "under 1000")]:
+        with pytest.raises(SystemExit, match=why):
+            run(photo, words)
+    planner_says("sure! here is the edited image")  # malformed planner output
+    with pytest.raises(SystemExit, match="does not follow the <action><subject><goal> format"):
+        run(photo, "make it nice", "--no-describe")
+    planner_says("<action>teleport</action><subject>cat</subject><goal>mars</goal>")  # an action no editor has
+    with pytest.raises(SystemExit, match="no step could be applied"):
+        run(photo, "send the cat to mars", "--no-describe")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["astronaut.png", "cut.png", "notes.png"]
 
 
-def test_plans_with_tiny_planner(tmp_path, monkeypatch, capsys):
+def test_adapter_choice(tmp_path, monkeypatch):
+    assert edit.newest_adapter(tmp_path) is None
+    for name in ("old", "new"):
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        (tmp_path / name / "adapter" / "adapter_config.json").write_text("{}")
+    assert edit.newest_adapter(tmp_path) == tmp_path / "new" / "adapter"
+    img = tmp_path / "p.png"
+    Image.new("RGB", (32, 24), "red").save(img)
+    with pytest.raises(SystemExit, match="is not an adapter folder"):
+        edit.main([str(img), "blur it", "--adapter", str(tmp_path / "nowhere")])
+
+
+def test_tiny_planner_end_to_end(tmp_path, monkeypatch, capsys):
+    """The real (random) tiny planner: its output is not a plan, which edit.py says, writing nothing."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the tiny preset builds its model in the cache
     img = tmp_path / "p.png"
     Image.new("RGB", (32, 24), "red").save(img)
-    plan = edit.main([str(img), "blur the background", "--preset=tiny", "--max_new_tokens=8"])
+    with pytest.raises(SystemExit, match="does not follow"):
+        edit.main([str(img), "blur the background", "--preset=tiny", "--max_new_tokens=8", "--base",
+                   "--no-describe"])
     out = capsys.readouterr().out
-    assert "image: " in out and "(32x24)" in out and "base model, no adapter" in out
-    assert set(plan) == {"ok", "action", "subject", "goal"}
+    assert "(32x24, mode RGB)" in out and "base model, no adapter" in out and "planner output:" in out
+    assert not (tmp_path / "p_edited.png").exists()
+
+
+def _save(im, path, **kw):
+    im.save(path, **kw)
+    return path
+
+
+def test_image_modes(planner_says, tmp_path):
+    """Palette, grey, alpha, 16-bit, CMYK and EXIF-rotated inputs: read right, edited, written right."""
+    planner_says(PLANS["crop+gray"])
+    rgb = builtin_image("chelsea", 128)
+    a = np.asarray(rgb.convert("L"), np.uint16) * 257
+    rgba = rgb.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize((128, 128)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels are turned; upright is 90 degrees clockwise
+    cases = {"palette.png": rgb.convert("P"), "grey.png": rgb.convert("L"), "alpha.png": rgba,
+             "grey16.png": Image.fromarray(a), "cmyk.jpg": rgb.convert("CMYK"),
+             "exif.jpg": rgb.crop((0, 0, 128, 64))}
+    for name, im in cases.items():
+        p = _save(im, tmp_path / name, **({"exif": exif} if name == "exif.jpg" else {}))
+        rec = run(p, "make it black and white and 16:9", "--no-describe")
+        out = Image.open(rec["output"])
+        w, h = (64, 128) if name == "exif.jpg" else (128, 128)  # upright first, then the 16:9 crop
+        assert rec["size_in"] == [w, h] and out.size == (w, round(w * 9 / 16)), name
+        px = np.asarray(out.convert("RGB"), float)
+        assert np.abs(px[..., 0] - px[..., 2]).max() <= 1, name  # grey
+        assert 60 < px.mean() < 200, name  # not clipped to white (16-bit) nor black
+        assert (out.mode == "RGBA") == (name == "alpha.png"), name
+    alpha = np.asarray(Image.open(tmp_path / "alpha_edited.png").getchannel("A"))
+    rows = np.asarray(Image.linear_gradient("L").resize((128, 128)))[28:100].mean(1)  # the 16:9 band of rows
+    assert alpha.shape == (72, 128) and np.abs(alpha.mean(1) - rows).max() <= 1  # cropped like the picture
+
+
+def test_large_image_regions_small_edits_full(planner_says, tmp_path):
+    planner_says(PLANS["face+bg"])
+    big = _save(builtin_image("astronaut", 512).resize((3000, 3000)), tmp_path / "big.png")
+    rec = run(big, "brighten his face and blur the background", "--no-describe")
+    out = np.asarray(Image.open(rec["output"]), float)
+    src = np.asarray(Image.open(big), float)
+    assert out.shape == (3000, 3000, 3) and [s["agent"] for s in rec["steps"]] == ["face", "background"]
+    face = rec["steps"][0]["area"]
+    assert 0.01 < face < 0.15
+    y0, x0 = 500, 1100  # inside the astronaut's face at this scale: brighter
+    assert out[y0:y0 + 200, x0:x0 + 200].mean() > src[y0:y0 + 200, x0:x0 + 200].mean() + 5
