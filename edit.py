@@ -124,7 +124,7 @@ def main(argv=None):
     import agents
     import regions
     from reward import parse
-    from rollout import _downscale, greedy_plans, run_steps
+    from rollout import greedy_plans, run_steps
     adapter = args.adapter or (None if args.base else newest_adapter())
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         sys.exit(f"error: {adapter} is not an adapter folder (no adapter_config.json); train one with `make train`")
@@ -142,7 +142,7 @@ def main(argv=None):
     description = None
     if args.describe if args.describe is not None else args.preset != "gpu24":  # gpu24's planner sees the image
         t0 = time.time()
-        description = regions.describe(_downscale(arr, WORK_SIZE))
+        description = regions.describe(regions.downscale(arr, WORK_SIZE))
         seconds["perception"] = round(time.time() - t0, 2)
         print(f"perception: {description}")
     t0 = time.time()

@@ -120,7 +120,7 @@ def _check(image):
         raise ValueError(f"image must be uint8 RGB of shape (H, W, 3), got {image.dtype} {image.shape}")
 
 
-def _small(image, side=WORK):
+def downscale(image, side=WORK):
     """A contiguous copy (MediaPipe needs one) whose longest side is at most `side`."""
     h, w = image.shape[:2]
     f = side / max(h, w)
@@ -255,7 +255,7 @@ def _salient(rgb, names=None, plural=False):
     if shapes:
         keep = [m for a, m in shapes if a >= 0.1 * shapes[0][0]] if plural else [shapes[0][1]]
         return _up(np.any(keep, axis=0), rgb.shape), "drawn shapes" if plural else "largest drawn shape"
-    small = _small(rgb, CUT)
+    small = downscale(rgb, CUT)
     h, w = small.shape[:2]
     ok, sal = agents.agent("saliency").computeSaliency(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
     if not ok or h < 8 or w < 8:
@@ -303,7 +303,7 @@ def find(image, subject):
     subject: what no agent finds is the whole image, and the note says so."""
     _check(image)
     agent, words = _route(subject)
-    name, shape, rgb = " ".join(words) or "whole image", image.shape, _small(image)
+    name, shape, rgb = " ".join(words) or "whole image", image.shape, downscale(image)
 
     def whole(why):
         return Region(np.ones(shape[:2], np.float32), "whole", why)
@@ -367,7 +367,7 @@ def describe(image):
     """A short perception text for a text-only planner: size, people, faces, readable text, colours (saturated ones
     first: they name the objects), where the main subject is. Deterministic."""
     _check(image)
-    rgb, (h, w) = _small(image), image.shape[:2]
+    rgb, (h, w) = downscale(image), image.shape[:2]
     person, (boxes, _) = _person(rgb), _faces(rgb)
     seen = _person_seen(rgb, person, boxes)
     parts = [f"{w}x{h} image", "a person" if seen else "no person", f"{len(boxes)} face{'s' * (len(boxes) != 1)}"]

@@ -165,14 +165,6 @@ def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=N
 # an action no editor knows; a caller decides what a run with failed steps means).
 
 
-def _downscale(arr, work_size):
-    import cv2
-    h, w = arr.shape[:2]
-    s = work_size / max(h, w)
-    return arr if s >= 1 else cv2.resize(arr, (max(1, round(w * s)), max(1, round(h * s))),
-                                         interpolation=cv2.INTER_AREA)
-
-
 def run_steps(image, steps, work_size=512):
     """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step)."""
     import time
@@ -194,7 +186,7 @@ def run_steps(image, steps, work_size=512):
                 raise editor.EditError(f"the CPU editor has no action {step.action!r}")
             mask = None
             if action not in editor.GEOMETRY:
-                region = regions.find(_downscale(image, work_size), step.subject)
+                region = regions.find(regions.downscale(image, work_size), step.subject)
                 rec.update(agent=region.agent, region=region.note, area=round(float(region.mask.mean()), 4))
                 if action == "remove" and region.agent == "whole":
                     raise editor.EditError(f"nothing to remove: {region.note}")

@@ -16,8 +16,9 @@ most 10% of the train split, only so a small model learns the tag format), score
 
 What is simplified compared with the paper: one policy update per batch, so the ratio is exp(logp - logp.detach())
 (1 in value, the policy gradient in its derivative) and the clip only matters for code that takes several updates;
-the loss averages tokens per sequence, then sequences (the paper's GRPO form, not Dr.GRPO); the planner reads the
-request only (the cpu model cannot see images). The reference is the same 4-bit model with the LoRA adapter
+the loss averages tokens per sequence, then sequences (the paper's GRPO form, not Dr.GRPO); the cpu planner cannot
+see images, so its prompt carries the request and a one-line perception text of the image (`describe`, the same
+line edit.py gives it). The reference is the same 4-bit model with the LoRA adapter
 disabled, so no second copy of the weights; note that this is the base model *before* the cold start, which does not
 write the tags at all, so the KL (about 1 nat per token from the first step) is a weak pull away from the format and
 `beta` is kept small. The cold start's adapter is the one GRPO goes on training.
@@ -193,14 +194,13 @@ def describe_images(samples):
 
     from data import builtin_image, load_image
     from edit import WORK_SIZE
-    from regions import describe
-    from rollout import _downscale
+    from regions import describe, downscale
     seen = {}
     for s in samples:
         key = s.get("image_path") or s["image"]
         if key not in seen:
             img = load_image(key) if "image_path" in s else builtin_image(key, WORK_SIZE)
-            seen[key] = describe(_downscale(np.asarray(img), WORK_SIZE))
+            seen[key] = describe(downscale(np.asarray(img), WORK_SIZE))
         s["description"] = seen[key]
     return samples
 

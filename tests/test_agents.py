@@ -135,7 +135,8 @@ def test_rule_order_stages_and_stability():
 
 
 @pytest.mark.parametrize("answer,used", [("2, 1, 3, 5, 4", "model"), ("5, 4, 3, 2, 1, 5,", "model"),
-                                         ("1, 1, 2", "rules"), ("1, 2", "rules"), ("", "rules"), ("9, 1, 2, 3, 4", "rules")])
+                                         ("1, 1, 2", "rules"), ("1, 2", "rules"), ("", "rules"),
+                                         ("9, 1, 2, 3, 4", "rules")])
 def test_sequencer_model_answer_or_fallback(tiny, monkeypatch, answer, used):
     import rollout
     from agents import sequence
@@ -165,3 +166,23 @@ def test_sampler_allowed_tokens(tiny):
                      temperature=1.0, generator=torch.Generator().manual_seed(0), allowed=allowed)
     drawn = set(r.ids[r.mask.bool()].tolist())
     assert drawn and drawn <= set(allowed) | set(stop_ids(tok))
+
+
+def test_dequantized_planner_computes_the_same_numbers(tiny_dir, tmp_path):
+    """edit.py's inference planner (NF4 weights stored dequantized) gives the 4-bit model's logits, adapter and all."""
+    p = load_planner("tiny", folder=tiny_dir)
+    with torch.no_grad():
+        for name, w in p.policy.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.5)  # a fresh adapter is a no-op (B = 0); make this one matter
+    p.policy.save_pretrained(tmp_path / "adapter")
+    q = load_planner("tiny", folder=tiny_dir, adapter=tmp_path / "adapter")
+    d = load_planner("tiny", folder=tiny_dir, adapter=tmp_path / "adapter", dequantized=True)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in d.model.modules())
+    ids = torch.tensor([build_prompt(p.tok, "blur the background")])
+    with torch.no_grad():
+        a, b, c = (x.policy(input_ids=ids).logits for x in (p, q, d))
+        with d.policy.disable_adapter():
+            base = d.policy(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-5)
+    assert (c - base).abs().max() > 1e-2  # the adapter changed the outputs

@@ -259,3 +259,22 @@ def test_sigkill_between_checkpoints_loses_nothing_checkpointed(tmp_path):
     subprocess.run(cmd + ["--resume=True"], cwd=root, env=env, check=True, capture_output=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["phase"] == "grpo"] == list(range(1, 41))  # each step logged exactly once
+
+
+def test_prompts_carry_the_perception_text(tiny, monkeypatch):
+    """Each distinct image is described once, and the description reaches the planner's prompt."""
+    import regions
+    import rollout
+    from data import make_split
+    from train import describe_images
+    seen = []
+    monkeypatch.setattr(regions, "describe", lambda img: seen.append(img.shape) or f"{img.shape[0]}px scene")
+    samples = make_split("test", 12)
+    describe_images(samples)
+    assert len(seen) == len({s["image"] for s in samples}) and set(seen) == {(512, 512, 3)}
+    assert all(s["description"] == "512px scene" for s in samples)
+    prompts, sample = [], rollout.sample_group
+    monkeypatch.setattr(rollout, "sample_group",
+                        lambda model, ps, *a, **k: prompts.extend(ps) or sample(model, ps, *a, **k))
+    rollout.greedy_plans(tiny, ["blur it"], 2, descriptions=["512px scene"])
+    assert "Image: 512px scene\nRequest: blur it" in tiny.tok.decode(prompts[0])
