@@ -60,6 +60,11 @@ def test_loads_only_the_agents_the_plan_uses(planner_says, photo):
     assert rec["agents_loaded"] == ["retouch"] and rec["description"] is None
     out = np.asarray(Image.open(rec["output"]))
     assert np.array_equal(out, np.asarray(Image.open(photo))[:, ::-1])
+    agents.unload()
+    planner_says("<action>brighten</action><subject>face</subject><goal>slightly</goal>")
+    rec = run(photo, "brighten his face a little", "--no-describe", "--force")
+    assert sorted(rec["agents_loaded"]) == ["face", "retouch"]  # MediaPipe found the face: no Haar, no others
+    assert rec["agent_load_seconds"]["face"] > 0 and rec["steps"][0]["agent"] == "face"
 
 
 def test_refuses_to_overwrite(planner_says, photo, tmp_path):
