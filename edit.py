@@ -119,12 +119,17 @@ def main(argv=None):
     rgb, alpha = to_rgb(original)
     print(f"image: {args.image} ({rgb.width}x{rgb.height}, mode {original.mode})")
 
+    import warnings
+
     import numpy as np
+    from transformers.utils import logging as hf_logging
 
     import agents
     import regions
     from reward import parse
     from rollout import greedy_plans, run_steps
+    hf_logging.disable_progress_bar()  # a command line prints its own lines, not a bar per weight file
+    warnings.filterwarnings("ignore", category=FutureWarning)
     adapter = args.adapter or (None if args.base else newest_adapter())
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         sys.exit(f"error: {adapter} is not an adapter folder (no adapter_config.json); train one with `make train`")
@@ -175,11 +180,10 @@ def main(argv=None):
     from PIL import Image
     result = Image.fromarray(edited)
     if alpha is not None and out.suffix.lower() in (".png", ".webp", ".tif", ".tiff"):
-        if edited.shape[:2] != arr.shape[:2] or any(r["action"] in ("crop", "rotate", "flip") for r in trace):
-            alpha_arr, _ = run_steps(np.repeat(np.asarray(alpha)[..., None], 3, -1),
-                                     [s for s in steps if s.action in ("crop", "rotate", "flip")])
-            alpha = Image.fromarray(alpha_arr[..., 0])
-        result.putalpha(alpha)  # transparency survives the edit (and moves with crops, turns and flips)
+        moves = [s for s, r in zip(steps, trace) if s.action in ("crop", "rotate", "flip") and "error" not in r]
+        if moves:  # transparency survives the edit, and moves with the crops, turns and flips that ran
+            alpha = Image.fromarray(run_steps(np.repeat(np.asarray(alpha)[..., None], 3, -1), moves)[0][..., 0])
+        result.putalpha(alpha)
     save_atomic(result.save, out)
     seconds["total"] = round(time.time() - t_start, 2)
     record = {"image": str(args.image), "instruction": instruction, "preset": args.preset,
