@@ -172,13 +172,39 @@ def dequantized_folder(folder, dtype=torch.float32):
     return _atomic_folder(final, build)
 
 
+def merge_lora(model, adapter):
+    """Add a saved LoRA adapter into the weights of a plain model: W += alpha / r * B @ A for every adapted layer.
+    For inference only (edit.py): the merged model needs no peft at run time, which saves seconds of imports."""
+    import json
+
+    from safetensors.torch import load_file
+    cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("bias") != "none" or cfg.get("rank_pattern") \
+            or cfg.get("alpha_pattern") or cfg.get("modules_to_save"):
+        raise ValueError(f"{adapter}: only plain LoRA adapters (no DoRA, bias, patterns or extra modules) merge")
+    scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+    weights = load_file(Path(adapter) / "adapter_model.safetensors")
+    n = 0
+    with torch.no_grad():
+        for key, A in weights.items():
+            if key.endswith(".lora_A.weight"):
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                B = weights[key.replace(".lora_A.", ".lora_B.")]
+                layer = model.get_submodule(name)
+                layer.weight += scale * (B.to(layer.weight.dtype) @ A.to(layer.weight.dtype))
+                n += 1
+    if n == 0 or 2 * n != len(weights):
+        raise ValueError(f"{adapter}: {len(weights)} tensors, {n} LoRA pairs merged; not a LoRA adapter of this model")
+    return model
+
+
 def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                  lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), adapter=None, device="cpu",
-                 dtype=torch.float32, dequantized=False):
+                 dtype=torch.float32, dequantized=False, merged=False):
     """Load the planner of a preset in NF4 and wrap it in LoRA (a fresh adapter, or a saved one from `adapter`).
     `folder` overrides where the weights come from (the tiny preset builds its model there). `dequantized=True`
-    (inference: edit.py) loads the same NF4 numbers stored in full precision, see `dequantized_folder`."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    (inference: edit.py) loads the same NF4 numbers stored in full precision, see `dequantized_folder`; with
+    `merged=True` as well, the adapter is merged into those weights and `policy` is the plain model (no peft)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if preset == "cpu":
@@ -199,6 +225,11 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
     model.config.use_cache = True
     for p in model.parameters():  # the base is frozen; only LoRA trains
         p.requires_grad_(False)
+    if merged:
+        assert dequantized, "merged=True needs dequantized=True (a 4-bit weight cannot take the sum exactly)"
+        model = merge_lora(model, adapter) if adapter else model
+        return Planner(model=model.eval(), tok=tok, policy=model)
+    from peft import LoraConfig, PeftModel, get_peft_model
     if adapter:
         policy = PeftModel.from_pretrained(model, adapter, is_trainable=not dequantized)
     else:
@@ -279,6 +310,7 @@ def unload(name=None):
     """Drop one agent (or all) so that its memory can be freed; the next `agent(name)` loads it again."""
     for n in [name] if name else list(_loaded):
         _loaded.pop(n, None)
+        LOAD_SECONDS.pop(n, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ PLANS = {"face+bg": "<action>brighten; blur</action><subject>face; background</s
 def planner_says(monkeypatch):
     """Make the planner answer `text`, without loading a model."""
     def say(text):
-        monkeypatch.setattr(agents, "load_planner", lambda preset, adapter=None, dequantized=False: "planner")
+        monkeypatch.setattr(agents, "load_planner", lambda preset, adapter=None, **kw: "planner")
         monkeypatch.setattr(rollout, "greedy_plans", lambda planner, xs, n, descriptions=None: [text])
     return say
 
@@ -64,7 +64,7 @@ def test_loads_only_the_agents_the_plan_uses(planner_says, photo):
     planner_says("<action>brighten</action><subject>face</subject><goal>slightly</goal>")
     rec = run(photo, "brighten his face a little", "--no-describe", "--force")
     assert sorted(rec["agents_loaded"]) == ["face", "retouch"]  # MediaPipe found the face: no Haar, no others
-    assert rec["agent_load_seconds"]["face"] > 0 and rec["steps"][0]["agent"] == "face"
+    assert set(rec["agent_load_seconds"]) == {"face", "retouch"} and rec["steps"][0]["agent"] == "face"
 
 
 def test_refuses_to_overwrite(planner_says, photo, tmp_path):
