@@ -5,7 +5,7 @@ Benchmarks.
     python bench.py --preset=tiny --repeats=3
     python bench.py load                 # the cpu planner: first load (with the GGUF conversion) and second load
     python bench.py seeds runs/seed0 runs/seed1 runs/seed2   # the README's table over training runs
-    python bench.py edit [ADAPTER]       # edit.py on a 512x512 photo: cold (empty cache) and warm wall time
+    python bench.py edit [ADAPTER]       # edit.py on a 512x512 photo: cold (empty cache), then 5 warm runs
     python bench.py sequencer            # the zero-shot sequencing model against the rule order, 40 plans
 
 sampler: group sampling speed of our KV-cached sampler against Hugging Face `generate`. Both sample with temperature 1 and no stop token, so each call produces exactly G * new_tokens tokens; the prompt
@@ -95,8 +95,8 @@ def seeds(*run_dirs):
 
 
 def edit(adapter=None, request="make his face brighter and blur the background strongly"):
-    """Run edit.py as a user does, twice, on the 512x512 astronaut: first with an empty cache folder (the GGUF
-    conversion and the dequantized copy are built), then again (warm: only imports, loads and the work)."""
+    """Run edit.py as a user does on the 512x512 astronaut: first with an empty cache folder (the GGUF conversion
+    and the dequantized copy are built), then 5 times more (warm: only imports, loads and the work)."""
     import subprocess
     from data import builtin_image
     with tempfile.TemporaryDirectory(prefix="imageedit-bench-") as tmp:
@@ -104,12 +104,15 @@ def edit(adapter=None, request="make his face brighter and blur the background s
         builtin_image("astronaut", 512).save(photo)
         env = {**os.environ, "XDG_CACHE_HOME": os.path.join(tmp, "cache")}
         cmd = [sys.executable, "edit.py", photo, request, "--force"] + (["--adapter", adapter] if adapter else [])
-        for name in ("cold", "warm", "warm"):
+        warm = []
+        for name in ["cold"] + ["warm"] * 5:
             t0 = time.perf_counter()
             out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - t0
+            warm += [wall] if name == "warm" else []
             lines = [x for x in out.stdout.splitlines() if x.startswith(("planner output", "  step", "wrote"))]
             print(f"{name}: {wall:.1f}s wall, exit {out.returncode}\n  " + "\n  ".join(lines or [out.stderr[-300:]]))
+        print(f"warm: median {statistics.median(warm):.1f}s, min {min(warm):.1f}s, max {max(warm):.1f}s")
 
 
 def sequencer(n=40):
