@@ -16,6 +16,9 @@ Writes: the edited image (`--out`, default `<image>_edited.png` beside the input
 side-by-side picture (`<out>_compare.png`). Nothing is overwritten without `--force`, and never the input.
 With no `--adapter` the newest adapter under `runs/` is used if there is one, else the base planner.
 
+The planner runs from its NF4 weights stored dequantized, with the adapter merged in: the 4-bit model's numbers,
+faster on a CPU, and no peft import (`agents.load_planner(..., dequantized=True, merged=True)`).
+
 Simplified: the sequencing agent's model answer is used for the gpu24 preset; the 135M cpu planner zero-shot only
 repeats the order it is given (see the README), so the cpu preset orders with rules unless `--sequencer=model`.
 """
