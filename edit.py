@@ -192,7 +192,8 @@ def main(argv=None):
     from PIL import Image
     result = Image.fromarray(edited)
     if alpha is not None and out.suffix.lower() in (".png", ".webp", ".tif", ".tiff"):
-        moves = [s for s, r in zip(steps, trace) if s.action in ("crop", "rotate", "flip") and "error" not in r]
+        geometry = agents.agent("retouch").GEOMETRY
+        moves = [s for s, r in zip(steps, trace) if s.action in geometry and "error" not in r]
         if moves:  # transparency survives the edit, and moves with the crops, turns and flips that ran
             alpha = Image.fromarray(run_steps(np.repeat(np.asarray(alpha)[..., None], 3, -1), moves)[0][..., 0])
         result.putalpha(alpha)
