@@ -128,7 +128,7 @@ def downscale(image, side=WORK):
     return np.ascontiguousarray(image) if f >= 1 else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _up(mask, shape):
+def upscale(mask, shape):
     """A mask as float32 in [0, 1] at the size (H, W) of `shape`."""
     return np.clip(cv2.resize(mask.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR), 0, 1)
 
@@ -254,7 +254,7 @@ def _salient(rgb, names=None, plural=False):
     shapes = _drawn(rgb, names)
     if shapes:
         keep = [m for a, m in shapes if a >= 0.1 * shapes[0][0]] if plural else [shapes[0][1]]
-        return _up(np.any(keep, axis=0), rgb.shape), "drawn shapes" if plural else "largest drawn shape"
+        return upscale(np.any(keep, axis=0), rgb.shape), "drawn shapes" if plural else "largest drawn shape"
     small = downscale(rgb, CUT)
     h, w = small.shape[:2]
     ok, sal = agents.agent("saliency").computeSaliency(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
@@ -282,7 +282,7 @@ def _salient(rgb, names=None, plural=False):
         mask, how = _fill(fg[0][1]).astype(np.float32), "saliency+grabCut"
     else:
         return None, "grabCut kept nothing"
-    return _up(cv2.GaussianBlur(mask, (3, 3), 0), rgb.shape), how
+    return upscale(cv2.GaussianBlur(mask, (3, 3), 0), rgb.shape), how
 
 
 def _person_seen(rgb, person, boxes=None):
@@ -309,7 +309,7 @@ def find(image, subject):
         return Region(np.ones(shape[:2], np.float32), "whole", why)
 
     def region(mask, note):  # the mask at the image's size, and its share in the note
-        mask = _up(mask, shape)
+        mask = upscale(mask, shape)
         return Region(mask, agent, f"{note}: {_pct(mask)} of the image")
 
     if agent == "whole":
@@ -346,7 +346,7 @@ def find(image, subject):
             what = f"the main subject ({how})"
         if fg is None:
             return whole(f"no foreground found ({what}): whole image as background")
-        return region(1 - _up(fg, rgb.shape), f"background around {what}")
+        return region(1 - upscale(fg, rgb.shape), f"background around {what}")
     plural = words[-1] != _singular(words[-1])  # "red circles", "cars": every blob, not the largest
     if agent == "color":
         color = COLORS[words[0]]

@@ -169,17 +169,14 @@ def run_steps(image, steps, work_size=512):
     """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step)."""
     import time
 
-    import cv2
-
     import agents
     import regions
     from reward import normalize
-    trace = []
+    editor, trace = agents.agent("retouch"), []
     for i, step in enumerate(steps):
         t0, rec = time.time(), {"step": i + 1, "action": step.action, "subject": step.subject, "goal": step.goal,
                                 "text": step.text}
         trace.append(rec)
-        editor = agents.agent("retouch")
         action = normalize(step.action, "action")
         try:
             if action not in editor.ACTIONS:
@@ -190,8 +187,7 @@ def run_steps(image, steps, work_size=512):
                 rec.update(agent=region.agent, region=region.note, area=round(float(region.mask.mean()), 4))
                 if action == "remove" and region.agent == "whole":
                     raise editor.EditError(f"nothing to remove: {region.note}")
-                h, w = image.shape[:2]
-                mask = cv2.resize(region.mask, (w, h), interpolation=cv2.INTER_LINEAR)
+                mask = regions.upscale(region.mask, image.shape)
             else:
                 rec.update(agent="none", region="the whole frame (geometry)", area=1.0)
             image = editor.apply(image, action, step.goal, mask)
