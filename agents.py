@@ -15,7 +15,7 @@ of the region and editing agents.
 Every planner is loaded in 4-bit NF4 with bitsandbytes and wrapped in a LoRA adapter from peft. The reference
 model of GRPO is the same object with the adapter disabled (`with policy.disable_adapter(): ...`), so no second
 copy of the weights is ever held. For inference, `dequantized=True` loads the same NF4 numbers stored once in full
-precision (identical logits, about 1.6x faster per plan on a CPU).
+precision (identical logits, about 1.6x faster per plan on a CPU); `merge_lora` adds an adapter into them.
 """
 import importlib.util
 import os
@@ -90,12 +90,12 @@ def smollm2_folder():
 def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
     """Build a random tiny Llama and its tokenizer entirely offline and save them to `folder`.
     The tokenizer is a byte-level BPE trained in-process on a few lines of edit requests and tags."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     folder = Path(folder)
     if (folder / "model.safetensors").exists():
         return folder
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -172,9 +172,10 @@ def dequantized_folder(folder, dtype=torch.float32):
     return _atomic_folder(final, build)
 
 
-def merge_lora(model, adapter):
-    """Add a saved LoRA adapter into the weights of a plain model: W += alpha / r * B @ A for every adapted layer.
-    For inference only (edit.py): the merged model needs no peft at run time, which saves seconds of imports."""
+def merge_lora(weights, adapter):
+    """Add a saved LoRA adapter into a model's weights, in place: W += alpha / r * B @ A for every adapted layer.
+    `weights`: a state dict (name -> tensor; a module's `state_dict()` shares its parameters' memory).
+    For inference only (edit.py): the merged weights need no peft at run time."""
     import json
 
     from safetensors.torch import load_file
@@ -183,38 +184,43 @@ def merge_lora(model, adapter):
             or cfg.get("alpha_pattern") or cfg.get("modules_to_save"):
         raise ValueError(f"{adapter}: only plain LoRA adapters (no DoRA, bias, patterns or extra modules) merge")
     scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
-    weights = load_file(Path(adapter) / "adapter_model.safetensors")
+    lora = load_file(Path(adapter) / "adapter_model.safetensors")
     n = 0
     with torch.no_grad():
-        for key, A in weights.items():
+        for key, A in lora.items():
             if key.endswith(".lora_A.weight"):
-                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                B = weights[key.replace(".lora_A.", ".lora_B.")]
-                layer = model.get_submodule(name)
-                layer.weight += scale * (B.to(layer.weight.dtype) @ A.to(layer.weight.dtype))
+                name = key.removeprefix("base_model.model.").replace(".lora_A.", ".")
+                if name not in weights:
+                    raise ValueError(f"{adapter}: adapts {name}, which this model does not have")
+                W, B = weights[name], lora[key.replace(".lora_A.", ".lora_B.")]
+                W += scale * (B.to(W.dtype) @ A.to(W.dtype))
                 n += 1
-    if n == 0 or 2 * n != len(weights):
-        raise ValueError(f"{adapter}: {len(weights)} tensors, {n} LoRA pairs merged; not a LoRA adapter of this model")
-    return model
+    if n == 0 or 2 * n != len(lora):
+        raise ValueError(f"{adapter}: {len(lora)} tensors, {n} LoRA pairs merged; not a LoRA adapter of this model")
+    return weights
+
+
+def planner_folder(preset, folder=None):
+    """The saved folder of a preset's planner (the cpu and tiny ones are built in the cache on first use)."""
+    if preset == "cpu":
+        return folder or smollm2_folder()[0]
+    if preset == "tiny":
+        return tiny_folder(folder or cache_dir() / "tiny-llama")
+    if preset == "gpu24":
+        raise NotImplementedError(f"the gpu24 planner ({QWEN_VL}) arrives with the GPU issue; use --preset=cpu")
+    raise ValueError(f"unknown preset {preset!r}: choose cpu, tiny or gpu24")
 
 
 def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                  lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), adapter=None, device="cpu",
-                 dtype=torch.float32, dequantized=False, merged=False):
+                 dtype=torch.float32, dequantized=False):
     """Load the planner of a preset in NF4 and wrap it in LoRA (a fresh adapter, or a saved one from `adapter`).
     `folder` overrides where the weights come from (the tiny preset builds its model there). `dequantized=True`
-    (inference: edit.py) loads the same NF4 numbers stored in full precision, see `dequantized_folder`; with
-    `merged=True` as well, the adapter is merged into those weights and `policy` is the plain model (no peft)."""
+    (inference) loads the same NF4 numbers stored in full precision, see `dequantized_folder`. edit.py runs the
+    cpu and tiny planners without transformers: `llama.load(dequantized_folder(planner_folder(preset)), adapter)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if preset == "cpu":
-        folder = folder or smollm2_folder()[0]
-    elif preset == "tiny":
-        folder = tiny_folder(folder or cache_dir() / "tiny-llama")
-    elif preset == "gpu24":
-        raise NotImplementedError(f"the gpu24 planner ({QWEN_VL}) arrives with the GPU issue; use --preset=cpu")
-    else:
-        raise ValueError(f"unknown preset {preset!r}: choose cpu, tiny or gpu24")
+    folder = planner_folder(preset, folder)
     if dequantized:
         model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder, dtype), dtype=dtype).to(device)
     else:
@@ -225,10 +231,6 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
     model.config.use_cache = True
     for p in model.parameters():  # the base is frozen; only LoRA trains
         p.requires_grad_(False)
-    if merged:
-        assert dequantized, "merged=True needs dequantized=True (a 4-bit weight cannot take the sum exactly)"
-        model = merge_lora(model, adapter) if adapter else model
-        return Planner(model=model.eval(), tok=tok, policy=model)
     from peft import LoraConfig, PeftModel, get_peft_model
     if adapter:
         policy = PeftModel.from_pretrained(model, adapter, is_trainable=not dequantized)

@@ -16,8 +16,8 @@ Writes: the edited image (`--out`, default `<image>_edited.png` beside the input
 side-by-side picture (`<out>_compare.png`). Nothing is overwritten without `--force`, and never the input.
 With no `--adapter` the newest adapter under `runs/` is used if there is one, else the base planner.
 
-The planner runs from its NF4 weights stored dequantized, with the adapter merged in: the 4-bit model's numbers,
-faster on a CPU, and no peft import (`agents.load_planner(..., dequantized=True, merged=True)`).
+The cpu and tiny planners run from their NF4 weights stored dequantized, with the adapter merged in: the 4-bit
+model's numbers, faster on a CPU, computed by `llama.py` without importing transformers or peft (see `load_planner`).
 
 Simplified: the sequencing agent's model answer is used for the gpu24 preset; the 135M cpu planner zero-shot only
 repeats the order it is given (see the README), so the cpu preset orders with rules unless `--sequencer=model`.
@@ -95,6 +95,23 @@ def save_atomic(write, path):
         tmp.unlink(missing_ok=True)
 
 
+def load_planner(preset, adapter, max_new_tokens, sequencer_model=False):
+    """(planner, write): `write(instruction, description)` is the planner's greedy answer; `planner` is the
+    transformers planner `agents.sequence` needs for `--sequencer=model` (else None). A Llama planner is run by
+    llama.py, which saves the ~4 s transformers' model classes take to import; the others by transformers."""
+    import agents
+    from rollout import build_prompt, greedy_plans, stop_ids
+    if preset in ("cpu", "tiny") and not sequencer_model:
+        import llama
+        model, tok = llama.load(agents.dequantized_folder(agents.planner_folder(preset)), adapter)
+        return None, lambda x, d: tok.decode(model.greedy(build_prompt(tok, x, d), max_new_tokens, stop_ids(tok)),
+                                             skip_special_tokens=True)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a command line prints its own lines, not a bar per weight file
+    planner = agents.load_planner(preset, adapter=adapter, dequantized=True)
+    return planner, lambda x, d: greedy_plans(planner, [x], max_new_tokens, descriptions=[d])[0]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image")
@@ -126,13 +143,11 @@ def main(argv=None):
     import warnings
 
     import numpy as np
-    from transformers.utils import logging as hf_logging
 
     import agents
     import regions
     from reward import parse
-    from rollout import greedy_plans, run_steps
-    hf_logging.disable_progress_bar()  # a command line prints its own lines, not a bar per weight file
+    from rollout import run_steps
     warnings.filterwarnings("ignore", category=FutureWarning)
     use_model = args.sequencer == "model" or (args.sequencer == "auto" and args.preset == "gpu24")
     adapter = args.adapter or (None if args.base else newest_adapter())
@@ -151,9 +166,7 @@ def main(argv=None):
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(perceive) if describe else None
         try:
-            # merged: the adapter added into the weights, no peft at run time; the sequencing model needs the
-            # adapter switched off, so it keeps peft
-            planner = agents.load_planner(args.preset, adapter=adapter, dequantized=True, merged=not use_model)
+            planner, write = load_planner(args.preset, adapter, args.max_new_tokens, use_model)
         except (NotImplementedError, RuntimeError, ValueError, OSError) as e:
             sys.exit(f"error: cannot load the {args.preset} planner" + (f" with adapter {adapter}" if adapter
                                                                          else "") + f": {e}")
@@ -164,7 +177,7 @@ def main(argv=None):
     if description:
         print(f"perception: {description}")
     t0 = time.time()
-    text = greedy_plans(planner, [instruction], args.max_new_tokens, descriptions=[description])[0]
+    text = write(instruction, description)
     seconds["plan"] = round(time.time() - t0, 2)
     plan = parse(text)
     print(f"planner output: {text!r}")
@@ -174,7 +187,7 @@ def main(argv=None):
                  "nothing was written")
 
     t0 = time.time()
-    steps, how = agents.sequence(plan, planner if use_model else None)
+    steps, how = agents.sequence(plan, planner)
     seconds["sequence"] = round(time.time() - t0, 2)
     print(f"order ({how}):")
     for i, s in enumerate(steps):

@@ -22,3 +22,20 @@ def tiny(tiny_dir):
 def smol():
     from agents import load_planner
     return load_planner("cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_dir, tmp_path_factory):
+    """A saved LoRA adapter of the tiny planner that changes its outputs (a fresh one is a no-op: B = 0)."""
+    import torch
+
+    from agents import load_planner
+    p = load_planner("tiny", folder=tiny_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, w in p.policy.named_parameters():
+            if "lora_B" in name:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    folder = tmp_path_factory.mktemp("tiny-adapter") / "adapter"
+    p.policy.save_pretrained(folder)
+    return folder

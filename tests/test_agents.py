@@ -168,27 +168,15 @@ def test_sampler_allowed_tokens(tiny):
     assert drawn and drawn <= set(allowed) | set(stop_ids(tok))
 
 
-def test_dequantized_planner_computes_the_same_numbers(tiny_dir, tmp_path):
-    """edit.py's inference planner (NF4 weights stored dequantized) gives the 4-bit model's logits, adapter and all."""
-    p = load_planner("tiny", folder=tiny_dir)
-    with torch.no_grad():
-        for name, w in p.policy.named_parameters():
-            if "lora_B" in name:
-                w.normal_(0, 0.5)  # a fresh adapter is a no-op (B = 0); make this one matter
-    p.policy.save_pretrained(tmp_path / "adapter")
-    q = load_planner("tiny", folder=tiny_dir, adapter=tmp_path / "adapter")
-    d = load_planner("tiny", folder=tiny_dir, adapter=tmp_path / "adapter", dequantized=True)
-    m = load_planner("tiny", folder=tiny_dir, adapter=tmp_path / "adapter", dequantized=True, merged=True)
+def test_dequantized_planner_computes_the_same_numbers(tiny_dir, tiny_adapter):
+    """The inference planner (NF4 weights stored dequantized) gives the 4-bit model's logits, adapter and all."""
+    q = load_planner("tiny", folder=tiny_dir, adapter=tiny_adapter)
+    d = load_planner("tiny", folder=tiny_dir, adapter=tiny_adapter, dequantized=True)
     assert not any(isinstance(x, bnb.nn.Linear4bit) for x in d.model.modules())
-    assert type(m.policy).__name__ == "LlamaForCausalLM"  # merged: no peft wrapper
-    ids = torch.tensor([build_prompt(p.tok, "blur the background")])
+    ids = torch.tensor([build_prompt(q.tok, "blur the background")])
     with torch.no_grad():
-        a, b, c, e = (x.policy(input_ids=ids).logits for x in (p, q, d, m))
+        b, c = (x.policy(input_ids=ids).logits for x in (q, d))
         with d.policy.disable_adapter():
             base = d.policy(input_ids=ids).logits
-    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c, atol=1e-5)
-    assert torch.allclose(c, e, atol=1e-3)  # merged: the same up to float rounding of W + BA
+    assert torch.allclose(b, c, atol=1e-5)
     assert (c - base).abs().max() > 1e-2  # the adapter changed the outputs
-    with pytest.raises(ValueError, match="not a LoRA adapter of this model|only plain LoRA"):
-        (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
-        load_planner("tiny", folder=tiny_dir, adapter=tmp_path / "adapter", dequantized=True, merged=True)

@@ -8,7 +8,6 @@ from PIL import Image
 
 import agents
 import edit
-import rollout
 from data import builtin_image
 
 PLANS = {"face+bg": "<action>brighten; blur</action><subject>face; background</subject><goal>strongly; strongly</goal>",
@@ -21,8 +20,7 @@ PLANS = {"face+bg": "<action>brighten; blur</action><subject>face; background</s
 def planner_says(monkeypatch):
     """Make the planner answer `text`, without loading a model."""
     def say(text):
-        monkeypatch.setattr(agents, "load_planner", lambda preset, adapter=None, **kw: "planner")
-        monkeypatch.setattr(rollout, "greedy_plans", lambda planner, xs, n, descriptions=None: [text])
+        monkeypatch.setattr(edit, "load_planner", lambda preset, adapter, n, model=False: (None, lambda x, d: text))
     return say
 
 
