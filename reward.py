@@ -123,3 +123,165 @@ def paper_rewards(completions, golds):
     info = {"format": t[:, 0], "f1_action": t[:, 1], "f1_subject": t[:, 2], "f1_goal": t[:, 3],
             "f1": t[:, 1:].mean(1)}
     return t.mean(1), info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The outcome reward: run the plan and look at the picture.
+#
+# For each completion: parse it, order its items (agents.sequence, rules), run them through the region agents and
+# the CPU editor on the request's image at `size` pixels, and score the edited image against
+#   target    how much of the way from the source to the target image the edit went: 1 - |edit - target| /
+#             |source - target| (mean absolute difference), clipped to [0, 1]; 0 for no edit or a wrong one.
+#             The target is the dataset's, or, for the built-in data, the gold plan run by the same agents.
+#   preserve  the share of pixels outside the gold regions (grown by the editor's feather margin) that moved by at
+#             most PRESERVE_TOL grey levels. Not scored when the gold plan is geometry or covers nearly everything.
+#   quality   1 - BRISQUE / 100 (OpenCV's no-reference score: 0 is pristine, 100 is bad). Needs the model files of
+#             Debian's opencv-data package (`make install` unpacks them into .venv); without them it is skipped and
+#             the first call says so.
+# outcome = the weighted mean of the parts scored. A completion that does not parse, or that has a step an agent
+# fails on (an action the editor lacks, an agent raising), gets 0, the minimum; failures are counted, never raised.
+#
+# Caching: the G samples of a group often share plans or their first steps. Every executed (image, step prefix) is
+# kept (LRU), so a prefix runs once however many samples share it, across groups and training steps; each distinct
+# final image is scored once. Source images, targets and gold masks are cached per image.
+
+PRESERVE_TOL = 4
+BRISQUE_FILES = ("brisque_model_live.yml", "brisque_range_live.yml")
+
+
+def brisque_dir():
+    """Where the BRISQUE model files are: $BRISQUE_DIR, this Python's share/ (make install), or the system's."""
+    import os
+    import sys
+    from pathlib import Path
+    for d in (os.environ.get("BRISQUE_DIR"), Path(sys.prefix) / "share/opencv4/quality", "/usr/share/opencv4/quality"):
+        if d and all((Path(d) / f).exists() for f in BRISQUE_FILES):
+            return Path(d)
+    return None
+
+
+class Outcome:
+    """Scores completions by the images they produce. `weights`: (target, preserve, quality)."""
+
+    def __init__(self, size=256, weights=(0.6, 0.3, 0.1), cache_size=4096, quality=True):
+        self.size, self.weights, self.cache_size = size, weights, cache_size  # cache_size 0: no caching at all
+        self.runs = {}       # (image key, ((action, subject, goal), ...)) -> (array, error or None); insertion = LRU
+        self.images = {}     # image key -> (source, target, gold mask or None)
+        self.counts = Counter()  # executed / reused steps, failed steps, agent exceptions
+        self.brisque = None
+        d = brisque_dir() if quality else None
+        if d is not None:
+            import cv2
+            self.brisque = cv2.quality.QualityBRISQUE_create(*(str(d / f) for f in BRISQUE_FILES))
+        elif quality:
+            print("outcome reward: no BRISQUE model files (Debian's opencv-data; `make install` unpacks them), "
+                  "so the quality part is skipped")
+
+    def _key(self, s):
+        return s.get("image_path") or s["image"]
+
+    def _execute(self, key, image, steps):
+        """The image after `steps` and the first error (or None); every prefix is run once and cached."""
+        from rollout import run_steps
+        err, done = None, ()
+        for step in steps:
+            done += ((step.action, step.subject, step.goal),)
+            hit = self.runs.pop((key, done), None)
+            if hit is None:
+                out, trace = run_steps(image, [step], work_size=self.size)
+                hit = (out, trace[0].get("error"))
+                self.counts["steps_run"] += 1
+                self.counts["agent_errors"] += bool(hit[1]) and not hit[1].startswith("EditError")
+                if self.runs and len(self.runs) >= self.cache_size:
+                    self.runs.pop(next(iter(self.runs)))
+            else:
+                self.counts["steps_reused"] += 1
+            if self.cache_size:
+                self.runs[(key, done)] = hit  # (re-)inserted: most recently used last
+            image, err = hit[0], err or hit[1]
+        return image, err
+
+    def _image(self, s):
+        """(source, target, gold mask) of a sample's image, computed once per image and gold plan; None when the
+        agents cannot carry out the gold plan itself (there is no target to compare with)."""
+        import numpy as np
+
+        import agents
+        import editor
+        import regions
+        from data import builtin_image, load_image
+        key = (self._key(s), tuple(s["action"]), tuple(s["subject"]), tuple(s["goal"]))
+        if key in self.images:
+            return self.images[key]
+        src = regions.downscale(np.asarray(load_image(s["image_path"]) if "image_path" in s
+                                           else builtin_image(s["image"], self.size)), self.size)
+        gold, _ = agents.sequence({f: list(s[f]) for f in FIELDS})
+        if s.get("target_path"):
+            tgt = np.asarray(load_image(s["target_path"]).resize((src.shape[1], src.shape[0])))
+        else:
+            tgt, err = self._execute(key[0], src, gold)
+            if err:
+                self.images[key] = None
+                return None
+        mask = None
+        if not any(g.action in editor.WHOLE_FRAME for g in gold):
+            m = np.zeros(src.shape[:2], np.float32)
+            for g in gold:
+                m = np.maximum(m, regions.find(src, g.subject).mask)
+            import cv2
+            k = 2 * editor.margin(src.shape) + 1
+            grown = cv2.dilate((m > 0.01).astype(np.uint8), np.ones((k, k), np.uint8)) > 0
+            mask = None if grown.mean() > 0.95 else grown
+        self.images[key] = (src, tgt, mask)
+        return self.images[key]
+
+    def score(self, edited, src, tgt, mask):
+        """{'target', 'preserve', 'quality'} of one edited image; a part that does not apply is absent."""
+        import cv2
+        import numpy as np
+        out = {}
+        e = edited if edited.shape == tgt.shape else cv2.resize(edited, (tgt.shape[1], tgt.shape[0]),
+                                                               interpolation=cv2.INTER_AREA)
+        s = src if src.shape == tgt.shape else cv2.resize(src, (tgt.shape[1], tgt.shape[0]),
+                                                          interpolation=cv2.INTER_AREA)
+        gap = np.abs(s.astype(np.int16) - tgt).mean()
+        out["target"] = float(np.clip(1 - np.abs(e.astype(np.int16) - tgt).mean() / max(gap, 1.0), 0, 1))
+        if mask is not None:
+            same = edited.shape == src.shape
+            moved = np.abs(edited.astype(np.int16) - src).max(-1) if same else None
+            out["preserve"] = float((moved[~mask] <= PRESERVE_TOL).mean()) if same else 0.0
+        if self.brisque is not None:
+            out["quality"] = float(np.clip(1 - self.brisque.compute(edited)[0] / 100, 0, 1))
+        return out
+
+    def __call__(self, completions, samples):
+        """(rewards (N,), info): info maps 'outcome', 'target', 'preserve', 'quality' (NaN where not scored),
+        'failed' (1: an agent failed on a step), 'parsed' and 'scorable' (0: the agents cannot run the gold plan, so
+        there is no target; such a request gets 0 whatever the plan) to (N,) tensors."""
+        import agents
+        assert len(completions) == len(samples), f"{len(completions)} completions but {len(samples)} samples"
+        names, rows, scored = ("target", "preserve", "quality"), [], {}
+        for text, s in zip(completions, samples):
+            p = parse(text)
+            gold = self._image(s)
+            row = {"parsed": float(p["ok"]), "failed": 0.0, "scorable": float(gold is not None)}
+            if p["ok"] and gold is not None:
+                steps, _ = agents.sequence(p)
+                key = (self._key(s), tuple((x.action, x.subject, x.goal) for x in steps))
+                if key in scored:  # the same plan earlier in this batch: scored once
+                    result = scored[key]
+                else:
+                    edited, err = self._execute(key[0], gold[0], steps)
+                    self.counts["failed_plans"] += bool(err)
+                    result = None if err else self.score(edited, *gold)
+                    if self.cache_size:
+                        scored[key] = result
+                row["failed"] = float(result is None)
+                row.update(result or {})
+            parts = [(w, row[n]) for w, n in zip(self.weights, names) if n in row and w > 0]
+            ok = row["parsed"] and not row["failed"] and parts
+            row["outcome"] = sum(w * v for w, v in parts) / sum(w for w, _ in parts) if ok else 0.0
+            rows.append(row)
+        info = {k: torch.tensor([r.get(k, float("nan")) for r in rows])
+                for k in ("outcome", *names, "failed", "parsed", "scorable")}
+        return info["outcome"].clone(), info

@@ -10,7 +10,8 @@ Train the decomposition agent (the planner) with GRPO, on one machine.
 One run: score the base model zero-shot on the held-out split, a short supervised cold start (`sft_steps`, on at
 most 10% of the train split, only so a small model learns the tag format), score again, then GRPO:
 
-    for each step: B prompts -> G completions each (KV-cached sampler) -> paper rewards for all B*G in one call
+    for each step: B prompts -> G completions each (KV-cached sampler) -> rewards for all B*G in one call (the
+    paper's format + F1, or with --reward=outcome|both the plans run by the agents and the edited images scored)
     -> advantages normalised within each group (groups with equal rewards carry no signal and are dropped)
     -> per-token clipped surrogate + beta * k3 KL to the reference -> backward in micro-batches -> clip -> step
 
@@ -78,6 +79,12 @@ class Config:
     grad_clip: float = 1.0               # max gradient norm
     grad_checkpointing: bool = False     # recompute activations in backward (saves memory on long sequences)
     max_bad_steps: int = 3               # stop after this many non-finite losses in a row
+    # reward: "paper" (format + F1, never looks at the image), "outcome" (run the plan, score the edited image),
+    # "both" (outcome_mix * outcome + (1 - outcome_mix) * paper); see reward.py
+    reward: str = "paper"
+    outcome_weights: tuple = (0.6, 0.3, 0.1)  # target similarity, preservation outside gold regions, BRISQUE
+    outcome_mix: float = 0.5             # weight of the outcome part when reward="both"
+    outcome_size: int = 256              # images are edited and scored at this many pixels a side
     # evaluation and saving
     eval_n: int = 100                    # held-out requests scored per evaluation
     eval_batch: int = 25                 # prompts decoded together during evaluation
@@ -290,7 +297,7 @@ def plot(out, history):
     if evals:
         ax.plot(*zip(*evals), "o-", label="held-out (greedy)")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("paper reward")
+    ax.set_ylabel("reward (train: the run's; held-out: paper's)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "reward.png", dpi=100)
@@ -301,9 +308,14 @@ def main(cfg):
     from tqdm import tqdm
 
     from agents import load_planner
-    from reward import paper_rewards
+    from reward import Outcome, paper_rewards
     from rollout import build_prompt, completion_logp, decode, sample_group, stop_ids
 
+    if cfg.reward not in ("paper", "outcome", "both"):
+        raise SystemExit(f"error: reward={cfg.reward!r}; choose paper, outcome or both")
+    if len(cfg.outcome_weights) != 3 or min(cfg.outcome_weights) < 0 or not 0 <= cfg.outcome_mix <= 1:
+        raise SystemExit(f"error: outcome_weights={cfg.outcome_weights} wants 3 weights >= 0 (target, preserve, "
+                         f"quality) and outcome_mix={cfg.outcome_mix} a number in [0, 1]")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}" + ("" if device == "cuda" else " (no CUDA GPU)"))
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -384,6 +396,7 @@ def main(cfg):
         save_checkpoint(out, policy, opt, sched, 0)
 
     stop, pad, bad = stop_ids(tok), tok.pad_token_id, 0
+    outcome = Outcome(cfg.outcome_size, cfg.outcome_weights) if cfg.reward != "paper" else None
     B, G = cfg.batch_prompts, cfg.group_size
     for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
         t = time.time()
@@ -394,7 +407,18 @@ def main(cfg):
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen)
         # score all B*G completions in one call; advantages within each group
-        rewards, info = paper_rewards(decode(tok, roll), [s for s in batch for _ in range(G)])
+        texts, golds = decode(tok, roll), [s for s in batch for _ in range(G)]
+        rewards, info = paper_rewards(texts, golds)
+        extra = {}
+        if outcome is not None:  # failures give that sample 0 and are counted, they never stop the run
+            t_out, runs = time.time(), dict(outcome.counts)
+            out_r, out_info = outcome(texts, golds)
+            extra = {"paper_reward": round(rewards.mean().item(), 4),
+                     **{k: round(v.nanmean().item(), 4) for k, v in out_info.items() if not v.isnan().all()},
+                     "failed_samples": int(out_info["failed"].sum()),
+                     **{k: outcome.counts[k] - runs.get(k, 0) for k in ("agent_errors", "steps_run", "steps_reused")},
+                     "outcome_seconds": round(time.time() - t_out, 2)}
+            rewards = out_r if cfg.reward == "outcome" else cfg.outcome_mix * out_r + (1 - cfg.outcome_mix) * rewards
         grouped = rewards.view(B, G)                                                  # (B, G)
         adv = group_advantages(grouped)                                               # (B, G)
         keep = [b for b in range(B) if grouped[b].std() > 0]                          # groups with signal
@@ -430,7 +454,7 @@ def main(cfg):
                "format": round(info["format"].mean().item(), 4), "f1": round(info["f1"].mean().item(), 4),
                "loss": round(loss_sum / n, 5), "kl": round(kl_sum / n, 5), "grad_norm": round(norm, 4),
                "kept_groups": len(keep), "dropped_groups": B - len(keep), "lr": sched.get_last_lr()[0],
-               "tokens": int(roll.mask.sum()), "seconds": round(time.time() - t, 2)}
+               "tokens": int(roll.mask.sum()), **extra, "seconds": round(time.time() - t, 2)}
         log(row)
         tqdm.write(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} fmt {row['format']:.2f} "
                    f"f1 {row['f1']:.3f} | groups {len(keep)}/{B} | loss {row['loss']:+.4f} kl {row['kl']:.4f} "
