@@ -7,6 +7,7 @@ Benchmarks.
     python bench.py seeds runs/seed0 runs/seed1 runs/seed2   # the README's table over training runs
     python bench.py edit [ADAPTER]       # edit.py on a 512x512 photo: cold (empty cache), then 5 warm runs
     python bench.py sequencer            # the zero-shot sequencing model against the rule order, 40 plans
+    python bench.py outcome [ADAPTER]    # the outcome reward: a group of 8 sampled plans scored, with/without cache
 
 sampler: group sampling speed of our KV-cached sampler against Hugging Face `generate`. Both sample with temperature 1 and no stop token, so each call produces exactly G * new_tokens tokens; the prompt
 is the same for both. Tokens per second = G * new_tokens / wall time of one call (prefill included).
@@ -133,7 +134,64 @@ def sequencer(n=40):
           f"{(time.perf_counter() - t0) / len(plans):.2f}s per plan")
 
 
+def outcome(adapter=None, groups=10):
+    """Scoring time of the outcome reward per group of 8 plans on 256x256 images. The groups are real: the cpu
+    planner (with `adapter`, default the newest under runs/) samples 8 plans at temperature 0.8 for each of
+    `groups` held-out requests, as in training. Targets and gold masks are built first (once per image in
+    training); then each group is scored by a fresh scorer without any cache, and by one scorer with its caches,
+    in training order."""
+    from edit import newest_adapter
+    from reward import Outcome, format_plan
+    from rollout import decode, stop_ids
+    from train import describe_images, load_requests
+    adapter = adapter or newest_adapter()
+    planner = load_planner("cpu", adapter=adapter, dequantized=True)
+    tests = describe_images(load_requests("", "test", groups, seed=0))
+    g = torch.Generator().manual_seed(0)
+    texts = []
+    for s in tests:
+        prompt = build_prompt(planner.tok, s["instruction"], s["description"])
+        roll = sample_group(planner.policy, [prompt], 8, 48, stop_ids(planner.tok), planner.tok.pad_token_id, 0.8,
+                            generator=g)
+        texts.append(decode(planner.tok, roll))
+    # The trained 135M planner writes many actions the editor lacks, which fail at once; so also time groups that
+    # all run: the gold plan and 7 variants of it (other amounts, subjects, one item dropped).
+    runnable = [[format_plan(*v) for v in _variants(s)] for s in tests]
+    for label, sets in (("sampled", texts), ("runnable", runnable)):
+        cached = Outcome()
+        for s in tests:
+            cached._image(s)  # targets and gold masks: once per image, before the timing, as in training
+        times, ran = {"no cache": [], "cache": []}, 0
+        for s, group in zip(tests, sets):
+            fresh = Outcome(cache_size=0)
+            fresh.images = cached.images
+            for name, scorer in (("no cache", fresh), ("cache", cached)):
+                t0 = time.perf_counter()
+                _, info = scorer(group, [s] * len(group))
+                times[name].append(time.perf_counter() - t0)
+            ran += int(((info["parsed"] > 0) & (info["failed"] == 0)).sum())
+        print(f"{label} groups: {sum(len(set(g)) for g in sets)} distinct plans of {8 * len(sets)}, {ran} carried "
+              f"out; counts {dict(cached.counts)}")
+        for name, ts in times.items():
+            print(f"  {name:>8}: median {statistics.median(ts):.2f}s per group of 8, mean {statistics.mean(ts):.2f}s, "
+                  f"max {max(ts):.2f}s")
+
+
+def _variants(s):
+    """8 plans for a request: its gold plan and 7 near misses (amounts, subjects, a dropped item)."""
+    gold = [list(s[f]) for f in ("action", "subject", "goal")]
+    out = [gold]
+    for amount in ("slightly", "moderately", "strongly"):
+        out.append([gold[0], gold[1], [amount if g in ("slightly", "moderately", "strongly") else g for g in gold[2]]])
+    for subject in ("whole image", "background", "face"):
+        out.append([gold[0], [subject] + gold[1][1:], gold[2]])
+    out.append([x[:1] for x in gold] if len(gold[0]) > 1 else [gold[0], ["center"], gold[2]])
+    return out
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["outcome"]:
+        sys.exit(outcome(*sys.argv[2:]))
     if sys.argv[1:2] == ["load"]:
         sys.exit(load())
     if sys.argv[1:2] == ["edit"]:

@@ -16,6 +16,10 @@ the format, but it never gets the format point.
 
 Everything here is batched: `paper_rewards(completions, golds)` scores a whole list in one call and returns the
 rewards plus per-part tensors for logging.
+
+The outcome reward (`Outcome`, below) closes the loop the paper leaves open: it runs each plan through the agents
+and scores the edited image against the target image, the pixels that should not change, and a no-reference quality
+score. train.py's `reward` chooses paper, outcome or both.
 """
 import re
 from collections import Counter
@@ -142,8 +146,9 @@ def paper_rewards(completions, golds):
 # fails on (an action the editor lacks, an agent raising), gets 0, the minimum; failures are counted, never raised.
 #
 # Caching: the G samples of a group often share plans or their first steps. Every executed (image, step prefix) is
-# kept (LRU), so a prefix runs once however many samples share it, across groups and training steps; each distinct
-# final image is scored once. Source images, targets and gold masks are cached per image.
+# kept (LRU, `cache_size` images of 256x256: 200 MB at most), so a prefix runs once however many samples share it,
+# across groups and training steps; each distinct plan of a batch is scored once. Source images, targets and gold
+# masks are cached per request.
 
 PRESERVE_TOL = 4
 BRISQUE_FILES = ("brisque_model_live.yml", "brisque_range_live.yml")
@@ -163,10 +168,10 @@ def brisque_dir():
 class Outcome:
     """Scores completions by the images they produce. `weights`: (target, preserve, quality)."""
 
-    def __init__(self, size=256, weights=(0.6, 0.3, 0.1), cache_size=4096, quality=True):
+    def __init__(self, size=256, weights=(0.6, 0.3, 0.1), cache_size=1024, quality=True):
         self.size, self.weights, self.cache_size = size, weights, cache_size  # cache_size 0: no caching at all
         self.runs = {}       # (image key, ((action, subject, goal), ...)) -> (array, error or None); insertion = LRU
-        self.images = {}     # image key -> (source, target, gold mask or None)
+        self.images = {}     # (image key, gold plan) -> (source, target, gold mask or None), or None: no target
         self.counts = Counter()  # executed / reused steps, failed steps, agent exceptions
         self.brisque = None
         d = brisque_dir() if quality else None

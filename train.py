@@ -25,7 +25,7 @@ write the tags at all, so the KL (about 1 nat per token from the first step) is 
 `beta` is kept small. The cold start's adapter is the one GRPO goes on training.
 
 Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, reward.png, adapter/ (peft),
-state.pt (LoRA weights, optimizer, scheduler, step, RNG). Checkpoints are written atomically every `save_every`
+cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer, scheduler, step, RNG). Checkpoints are written atomically every `save_every`
 steps and at the end; `--resume=True` continues from the last one.
 """
 import ast
@@ -393,6 +393,7 @@ def main(cfg):
         if cfg.sft_steps:
             sft(planner, train[:cfg.sft_n], cfg)
             heldout("eval cold start", 0)
+            policy.save_pretrained(out / "cold_start")  # the untrained pipeline's planner, for eval.py
         save_checkpoint(out, policy, opt, sched, 0)
 
     stop, pad, bad = stop_ids(tok), tok.pad_token_id, 0

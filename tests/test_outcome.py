@@ -1,0 +1,168 @@
+"""The outcome reward (reward.Outcome), its caches and failures, the outcome run of train.py, and eval.py."""
+import json
+
+import numpy as np
+import pytest
+
+import regions
+import rollout
+from data import builtin_image, make_split
+from reward import Outcome, brisque_dir, format_plan
+
+
+def plan(*items):
+    return format_plan(*(list(x) for x in zip(*items)))
+
+
+SAMPLE = {"image": "astronaut", "instruction": "blur the background strongly", "action": ["blur"],
+          "subject": ["background"], "goal": ["strongly"]}
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return Outcome()
+
+
+def test_gold_plan_scores_one_and_wrong_plans_less(scorer):
+    texts = [plan(("blur", "background", "strongly")),       # the gold plan
+             plan(("blur", "background", "slightly")),       # right place, too little
+             plan(("blur", "person", "strongly")),           # the wrong region
+             plan(("brighten", "whole image", "strongly")),  # the wrong edit
+             "blur the background please"]                   # not a plan
+    r, info = scorer(texts, [SAMPLE] * len(texts))
+    target, preserve = info["target"].tolist(), info["preserve"].tolist()
+    assert target[0] == pytest.approx(1.0) and preserve[0] == pytest.approx(1.0)
+    assert 0.1 < target[1] < 0.9 and preserve[1] > 0.95          # partway there, the person left alone
+    assert target[2] < 0.2 and preserve[2] < 0.5                 # blurred the person: not the target, not preserved
+    assert target[3] == 0.0
+    assert r[0] == max(r) and r[0] > r[1] > r[2] and r[4] == 0.0 and info["parsed"].tolist() == [1, 1, 1, 1, 0]
+
+
+def test_built_in_targets_are_the_gold_plans(scorer):
+    """Every scorable test request: its gold plan reaches its target exactly, and changes nothing it should not."""
+    samples = make_split("test", 30)
+    r, info = scorer([format_plan(s["action"], s["subject"], s["goal"]) for s in samples], samples)
+    ok = info["scorable"].bool()
+    assert ok.sum() >= 28
+    assert info["target"][ok].min() == 1.0 and info["failed"].sum() == 0
+    assert info["preserve"][ok].nan_to_num(1.0).min() == 1.0
+
+
+def test_a_group_runs_each_prefix_once():
+    s = Outcome(quality=False)
+    gold = s._image(SAMPLE)  # targets first, as in training
+    before = dict(s.counts)
+    group = [plan(("blur", "background", "strongly"), ("brighten", "face", "slightly"))] * 5 \
+        + [plan(("blur", "background", "strongly"))] * 3
+    r, _ = s(group, [SAMPLE] * 8)
+    # the rules run tone before finishing: "brighten the face", then the blur on top of it (2 new prefixes); the
+    # blur alone is the gold plan, already run for the target
+    assert gold is not None and s.counts["steps_run"] - before.get("steps_run", 0) == 2
+    assert len(set(r[:5].tolist())) == 1 and len(set(r[5:].tolist())) == 1
+    s(group, [SAMPLE] * 8)
+    assert s.counts["steps_run"] - before.get("steps_run", 0) == 2  # the next group: all from the cache
+    fresh = Outcome(quality=False, cache_size=0)
+    fresh.images = s.images
+    r2, _ = fresh(group, [SAMPLE] * 8)
+    assert fresh.counts["steps_run"] == 5 * 2 + 3 and np.allclose(r2, r)  # no cache: every step, same rewards
+
+
+def test_failing_agents_get_the_minimum_and_are_counted(monkeypatch):
+    s = Outcome(quality=False)
+    s._image(SAMPLE)
+    real = regions.find
+
+    def find(image, subject):
+        if subject == "face":
+            raise RuntimeError("face detector crashed")
+        return real(image, subject)
+    monkeypatch.setattr(regions, "find", find)
+    texts = [plan(("blur", "background", "strongly"), ("brighten", "face", "slightly")),
+             plan(("teleport", "background", "mars")), plan(("blur", "background", "strongly"))]
+    r, info = s(texts, [SAMPLE] * 3)
+    assert info["failed"].tolist() == [1, 1, 0] and r[:2].tolist() == [0, 0] and r[2] == 1.0
+    assert s.counts["agent_errors"] == 1 and s.counts["failed_plans"] == 2  # an unknown action is no agent error
+
+
+def test_geometry_and_unscorable_requests(scorer):
+    crop = {**SAMPLE, "instruction": "crop it square", "action": ["crop"], "subject": ["whole image"],
+            "goal": ["16:9"]}
+    r, info = scorer([plan(("crop", "whole image", "16:9")), plan(("crop", "whole image", "4:3"))], [crop] * 2)
+    assert info["target"][0] == 1.0 and 0 <= info["target"][1] < 1.0 and info["preserve"].isnan().all()
+    no_text = {**SAMPLE, "image": "chelsea", "action": ["remove"], "subject": ["text"], "goal": ["full"]}
+    r, info = scorer([plan(("remove", "text", "full"))], [no_text])  # the agents cannot run the gold plan
+    assert info["scorable"].tolist() == [0] and r.tolist() == [0]
+
+
+def test_quality_part_brisque():
+    if brisque_dir() is None:
+        pytest.skip("no BRISQUE model files (Debian opencv-data); `make install` unpacks them")
+    s = Outcome(weights=(0, 0, 1))
+    img = np.asarray(builtin_image("astronaut", 256))
+    noisy = np.clip(img + np.random.default_rng(0).normal(0, 30, img.shape), 0, 255).astype(np.uint8)
+    q = [s.score(x, img, img, None)["quality"] for x in (img, noisy)]
+    assert q[0] > q[1] + 0.2
+
+
+def test_train_with_outcome_reward_survives_a_crashing_agent(tmp_path, monkeypatch):
+    """The tiny planner writes no plans, so its rollouts are replaced by gold plans; the face agent raises."""
+    import train
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_decode, real_find = rollout.decode, regions.find
+    plans = [plan(("blur", "background", "strongly"), ("brighten", "face", "slightly")),
+             plan(("darken", "whole image", "slightly"))]
+    monkeypatch.setattr(rollout, "decode", lambda tok, r: [plans[i % 2] for i in range(len(real_decode(tok, r)))])
+
+    def find(image, subject):
+        if subject == "face":
+            raise RuntimeError("face detector crashed")
+        return real_find(image, subject)
+    monkeypatch.setattr(regions, "find", find)
+    out = tmp_path / "run"
+    train.main(train.parse_args(["--preset=tiny", "--reward=both", f"--out_dir={out}", "--steps=2"]))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in rows if r["phase"] == "grpo"]
+    assert len(grpo) == 2 and (out / "adapter" / "adapter_config.json").exists()
+    assert sum(r["failed_samples"] for r in grpo) >= 1 and sum(r["agent_errors"] for r in grpo) >= 1
+    assert all("target" in r and "paper_reward" in r and "outcome_seconds" in r for r in grpo)
+
+
+def test_keyword_baseline():
+    from eval import keyword_plan
+    assert keyword_plan("Make the cat much brighter and blur the background a little") == \
+        plan(("brighten", "cat", "strongly"), ("blur", "background", "slightly"))
+    assert keyword_plan("crop the photo to 16:9, then rotate it by 90 degrees") == \
+        plan(("crop", "whole image", "16:9"), ("rotate", "whole image", "90 degrees"))
+    assert keyword_plan("change the color of the red circle to blue") == plan(("recolor", "red circle", "blue"))
+    assert keyword_plan("make it look like a film noir still") == "<action></action><subject></subject><goal></goal>"
+
+
+def test_eval_table_and_files(tmp_path):
+    import eval as ev
+    for name, reward, seed in (("p0", "paper", 0), ("p1", "paper", 1), ("o0", "outcome", 0), ("t", "paper", 0)):
+        run = tmp_path / "runs" / name
+        (run / "adapter").mkdir(parents=True)
+        (run / "cold_start").mkdir()
+        cfg = {"preset": "tiny" if name == "t" else "cpu", "describe": True, "seed": seed, "reward": reward,
+               "steps": 25}
+        (run / "config.json").write_text(json.dumps(cfg))
+        (run / "metrics.jsonl").write_text(json.dumps({"phase": "eval", "step": 25}) + "\n")
+    (tmp_path / "runs" / "o1" / "adapter").mkdir(parents=True)  # a run still going: no final evaluation yet
+    (tmp_path / "runs" / "o1" / "config.json").write_text(json.dumps({**cfg, "preset": "cpu", "reward": "outcome"}))
+    rows = ev.find_runs(tmp_path / "runs")
+    assert sorted(rows) == ["GRPO, outcome reward", "GRPO, paper reward", "cold start"]
+    assert [r.name for r, _ in rows["GRPO, paper reward"]] == ["p0", "p1"] and len(rows["cold start"]) == 3
+    m = {"target": 0.5, "preserve": float("nan"), "quality": 0.7, "failed": 0.1, "format": 1, "f1": 0.4, "paper": 0.6}
+    md = ev.table({"keyword baseline": [{"metrics": m}],
+                   "GRPO, paper reward": [{"metrics": m}, {"metrics": {**m, "target": 0.7}}]})
+    lines = md.splitlines()
+    assert lines[2].startswith("| keyword baseline | - | 0.500 | - | 0.700 |")
+    assert lines[3].startswith("| GRPO, paper reward | 2 | 0.600 ± 0.100 | - |")
+
+
+def test_eval_end_to_end_keyword_only(tmp_path):
+    import eval as ev
+    res = ev.main(["--n=6", f"--root={tmp_path}", f"--out={tmp_path / 'eval'}", "--examples=2"])
+    assert list(res) == ["keyword baseline"]
+    assert (tmp_path / "eval" / "examples.png").exists()
+    assert "| keyword baseline |" in (tmp_path / "eval" / "table.md").read_text()
