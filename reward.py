@@ -147,8 +147,9 @@ def paper_rewards(completions, golds):
 #
 # Caching: the G samples of a group often share plans or their first steps. Every executed (image, step prefix) is
 # kept (LRU, `cache_size` images of 256x256: 200 MB at most), so a prefix runs once however many samples share it,
-# across groups and training steps; each distinct plan of a batch is scored once. Source images, targets and gold
-# masks are cached per request.
+# across groups and training steps; each distinct plan of a batch is scored once. Regions are found on the image
+# after the plan's geometry steps and cached per (image, geometry, subject). Source images, targets and gold masks
+# are cached per request.
 
 PRESERVE_TOL = 4
 BRISQUE_FILES = ("brisque_model_live.yml", "brisque_range_live.yml")
@@ -171,6 +172,7 @@ class Outcome:
     def __init__(self, size=256, weights=(0.6, 0.3, 0.1), cache_size=1024, quality=True):
         self.size, self.weights, self.cache_size = size, weights, cache_size  # cache_size 0: no caching at all
         self.runs = {}       # (image key, ((action, subject, goal), ...)) -> (array, error or None); insertion = LRU
+        self.masks = {}      # (image key, geometry steps run, subject) -> Region
         self.images = {}     # (image key, gold plan) -> (source, target, gold mask or None), or None: no target
         self.counts = Counter()  # executed / reused steps, failed steps, agent exceptions
         self.brisque = None
@@ -186,14 +188,29 @@ class Outcome:
         return s.get("image_path") or s["image"]
 
     def _execute(self, key, image, steps):
-        """The image after `steps` and the first error (or None); every prefix is run once and cached."""
+        """The image after `steps` and the first error (or None); every prefix is run once and cached.
+        Regions are found on the image after the plan's geometry steps (the rules put those first), so a subject's
+        mask is found once per image and frame, whatever tone edits came before it."""
+        import editor
+        import regions
         from rollout import run_steps
-        err, done = None, ()
+        err, done, frame, framed = None, (), (), image
+
+        def find(_, subject):
+            k = (key, frame, subject)
+            if k in self.masks:
+                return self.masks[k]
+            region = regions.find(framed, subject)
+            if self.cache_size:
+                if len(self.masks) >= self.cache_size:
+                    self.masks.clear()
+                self.masks[k] = region
+            return region
         for step in steps:
             done += ((step.action, step.subject, step.goal),)
             hit = self.runs.pop((key, done), None)
             if hit is None:
-                out, trace = run_steps(image, [step], work_size=self.size)
+                out, trace = run_steps(image, [step], work_size=self.size, find=find)
                 hit = (out, trace[0].get("error"))
                 self.counts["steps_run"] += 1
                 self.counts["agent_errors"] += bool(hit[1]) and not hit[1].startswith("EditError")
@@ -204,6 +221,8 @@ class Outcome:
             if self.cache_size:
                 self.runs[(key, done)] = hit  # (re-)inserted: most recently used last
             image, err = hit[0], err or hit[1]
+            if step.action in editor.GEOMETRY:
+                frame, framed = frame + done[-1:], regions.downscale(image, self.size)
         return image, err
 
     def _image(self, s):

@@ -165,8 +165,10 @@ def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=N
 # an action no editor knows; a caller decides what a run with failed steps means).
 
 
-def run_steps(image, steps, work_size=512):
-    """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step)."""
+def run_steps(image, steps, work_size=512, find=None):
+    """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step).
+    `find(image, subject)` -> Region replaces the region agents' `regions.find` on the current image (the outcome
+    reward passes a cached one)."""
     import time
 
     import agents
@@ -183,7 +185,7 @@ def run_steps(image, steps, work_size=512):
                 raise editor.EditError(f"the CPU editor has no action {step.action!r}")
             mask = None
             if action not in editor.GEOMETRY:
-                region = regions.find(regions.downscale(image, work_size), step.subject)
+                region = (find or regions.find)(regions.downscale(image, work_size), step.subject)
                 rec.update(agent=region.agent, region=region.note, area=round(float(region.mask.mean()), 4))
                 if action == "remove" and region.agent == "whole":
                     raise editor.EditError(f"nothing to remove: {region.note}")
