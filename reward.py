@@ -187,6 +187,10 @@ class Outcome:
     def _key(self, s):
         return s.get("image_path") or s["image"]
 
+    def _request(self, s):
+        """A request's image and gold plan: what its target depends on."""
+        return (self._key(s), tuple(s["action"]), tuple(s["subject"]), tuple(s["goal"]))
+
     def _execute(self, key, image, steps):
         """The image after `steps` and the first error (or None); every prefix is run once and cached.
         Regions are found on the image after the plan's geometry steps (the rules put those first), so a subject's
@@ -234,7 +238,7 @@ class Outcome:
         import editor
         import regions
         from data import builtin_image, load_image
-        key = (self._key(s), tuple(s["action"]), tuple(s["subject"]), tuple(s["goal"]))
+        key = self._request(s)
         if key in self.images:
             return self.images[key]
         src = regions.downscale(np.asarray(load_image(s["image_path"]) if "image_path" in s
@@ -291,11 +295,11 @@ class Outcome:
             row = {"parsed": float(p["ok"]), "failed": 0.0, "scorable": float(gold is not None)}
             if p["ok"] and gold is not None:
                 steps, _ = agents.sequence(p)
-                key = (self._key(s), tuple((x.action, x.subject, x.goal) for x in steps))
-                if key in scored:  # the same plan earlier in this batch: scored once
+                key = (self._request(s), tuple((x.action, x.subject, x.goal) for x in steps))
+                if key in scored:  # the same plan for the same request earlier in this batch: scored once
                     result = scored[key]
                 else:
-                    edited, err = self._execute(key[0], gold[0], steps)
+                    edited, err = self._execute(self._key(s), gold[0], steps)
                     self.counts["failed_plans"] += bool(err)
                     result = None if err else self.score(edited, *gold)
                     if self.cache_size:

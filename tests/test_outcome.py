@@ -84,6 +84,15 @@ def test_failing_agents_get_the_minimum_and_are_counted(monkeypatch):
     assert s.counts["agent_errors"] == 1 and s.counts["failed_plans"] == 2  # an unknown action is no agent error
 
 
+def test_same_plan_on_same_image_is_scored_per_request(scorer):
+    """Two requests on one image in one batch: the same plan is right for one and wrong for the other."""
+    face = {**SAMPLE, "instruction": "brighten the face", "action": ["brighten"], "subject": ["face"],
+            "goal": ["strongly"]}
+    text = plan(("blur", "background", "strongly"))
+    r, info = scorer([text, text], [SAMPLE, face])
+    assert info["target"].tolist()[0] == 1.0 and info["target"].tolist()[1] < 0.1
+
+
 def test_geometry_and_unscorable_requests(scorer):
     crop = {**SAMPLE, "instruction": "crop it square", "action": ["crop"], "subject": ["whole image"],
             "goal": ["16:9"]}
