@@ -25,8 +25,9 @@ write the tags at all, so the KL (about 1 nat per token from the first step) is 
 `beta` is kept small. The cold start's adapter is the one GRPO goes on training.
 
 Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, reward.png, adapter/ (peft),
-cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer, scheduler, step, RNG). Checkpoints are written atomically every `save_every`
-steps and at the end; `--resume=True` continues from the last one.
+cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer, scheduler, step,
+RNG). Checkpoints are written atomically every `save_every` steps and at the end; `--resume=True` continues from
+the last one.
 """
 import ast
 import json
