@@ -14,7 +14,9 @@ applied to the full-resolution image.
 Writes: the edited image (`--out`, default `<image>_edited.png` beside the input), a JSON trace beside it
 (`<out>.json`: plan, order, every step's region, agent, time and error, the agents loaded), and with `--compare` a
 side-by-side picture (`<out>_compare.png`). Nothing is overwritten without `--force`, and never the input.
-With no `--adapter` the newest adapter under `runs/` is used if there is one, else the base planner.
+With no `--adapter` the newest adapter under `runs/` is used if there is one, else the base planner. On the cpu
+preset the planner decodes under rollout.PlanGrammar (`--no-constrain` turns it off): it can only name actions and
+goals the CPU editor has, so its plan always runs.
 
 The cpu and tiny planners run from their NF4 weights stored dequantized, with the adapter merged in: the 4-bit
 model's numbers, faster on a CPU, computed by `llama.py` without importing transformers or peft (see `load_planner`).
@@ -95,21 +97,24 @@ def save_atomic(write, path):
         tmp.unlink(missing_ok=True)
 
 
-def load_planner(preset, adapter, max_new_tokens, sequencer_model=False):
+def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constrain=False):
     """(planner, write): `write(instruction, description)` is the planner's greedy answer; `planner` is the
     transformers planner `agents.sequence` needs for `--sequencer=model` (else None). A Llama planner is run by
-    llama.py, which saves the ~4 s transformers' model classes take to import; the others by transformers."""
+    llama.py, which saves the ~4 s transformers' model classes take to import; the others by transformers.
+    `constrain`: decode with rollout.PlanGrammar (only what the CPU editor can run)."""
     import agents
-    from rollout import build_prompt, greedy_plans, stop_ids
+    from rollout import build_prompt, greedy_plans, plan_grammar, stop_ids
     if preset in ("cpu", "tiny") and not sequencer_model:
         import llama
         model, tok = llama.load(agents.dequantized_folder(agents.planner_folder(preset)), adapter)
-        return None, lambda x, d: tok.decode(model.greedy(build_prompt(tok, x, d), max_new_tokens, stop_ids(tok)),
-                                             skip_special_tokens=True)
+        grammar = plan_grammar(tok) if constrain else None
+        return None, lambda x, d: tok.decode(model.greedy(build_prompt(tok, x, d), max_new_tokens, stop_ids(tok),
+                                                          grammar), skip_special_tokens=True)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a command line prints its own lines, not a bar per weight file
     planner = agents.load_planner(preset, adapter=adapter, dequantized=True)
-    return planner, lambda x, d: greedy_plans(planner, [x], max_new_tokens, descriptions=[d])[0]
+    grammar = plan_grammar(planner.tok) if constrain else None
+    return planner, lambda x, d: greedy_plans(planner, [x], max_new_tokens, descriptions=[d], grammar=grammar)[0]
 
 
 def main(argv=None):
@@ -126,6 +131,8 @@ def main(argv=None):
                     help="order the edits with the base model (LoRA off) or rules; auto: model on gpu24 only")
     ap.add_argument("--describe", action=argparse.BooleanOptionalAction, default=None,
                     help="give the planner the perception text of the image (default: for text-only planners)")
+    ap.add_argument("--constrain", action=argparse.BooleanOptionalAction, default=None,
+                    help="let the planner write only actions and goals the CPU editor reads (default: cpu preset)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -150,6 +157,7 @@ def main(argv=None):
     from rollout import run_steps
     warnings.filterwarnings("ignore", category=FutureWarning)
     use_model = args.sequencer == "model" or (args.sequencer == "auto" and args.preset == "gpu24")
+    constrain = args.preset == "cpu" if args.constrain is None else args.constrain
     adapter = args.adapter or (None if args.base else newest_adapter())
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         sys.exit(f"error: {adapter} is not an adapter folder (no adapter_config.json); train one with `make train`")
@@ -166,7 +174,7 @@ def main(argv=None):
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(perceive) if describe else None
         try:
-            planner, write = load_planner(args.preset, adapter, args.max_new_tokens, use_model)
+            planner, write = load_planner(args.preset, adapter, args.max_new_tokens, use_model, constrain)
         except (NotImplementedError, RuntimeError, ValueError, OSError) as e:
             sys.exit(f"error: cannot load the {args.preset} planner" + (f" with adapter {adapter}" if adapter
                                                                          else "") + f": {e}")
@@ -215,6 +223,7 @@ def main(argv=None):
     record = {"image": str(args.image), "instruction": instruction, "preset": args.preset,
               "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height],
               "size_out": [result.width, result.height], "description": description, "planner_output": text,
+              "constrained": constrain,
               "plan": {k: plan[k] for k in ("action", "subject", "goal")}, "sequencing": how, "steps": trace,
               "agents_loaded": agents.loaded(), "agent_load_seconds": {k: round(v, 2) for k, v in
                                                                        agents.LOAD_SECONDS.items()},

@@ -92,6 +92,17 @@ COLORS = dict(  # data.py's seven (the shapes are drawn in them), then common na
     silver=(192, 192, 192))
 
 
+def goal_choices(action):
+    """The goals a constrained planner may write for `action` (rollout.PlanGrammar): canonical words this editor
+    reads. The readers below take much more free text; this is the short list a small model picks from."""
+    if action in STRENGTH:
+        return ["slightly", "moderately", "strongly"]
+    if action in ("recolor", "replace background"):
+        return list(COLORS) + ["blurred"] * (action == "replace background")
+    return {"crop": ["square", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3"],
+            "rotate": ["90 degrees", "180 degrees", "270 degrees"], "flip": ["horizontal", "vertical"]}.get(
+        action, ["full"])  # grayscale, sepia, remove: no parameter
+
 def amount(goal):
     """0, 1, 2 for slightly, moderately, strongly. The first amount word in the goal wins; none -> moderately."""
     m = _AMOUNT_RE.search(str(goal).lower())

@@ -27,7 +27,8 @@ import statistics
 import time
 from pathlib import Path
 
-ROWS = ["keyword baseline", "cold start", "GRPO, paper reward", "GRPO, outcome reward", "GRPO, both reward"]
+ROWS = ["keyword baseline", "cold start", *(f"GRPO, {r} reward{how}" for how in (", free rollouts", "")
+                                            for r in ("paper", "outcome", "both"))]
 COLUMNS = [("target", "target sim."), ("preserve", "preservation"), ("quality", "quality"), ("failed", "failed"),
            ("format", "format"), ("f1", "F1"), ("paper", "paper reward")]
 
@@ -109,7 +110,7 @@ def keyword_plan(instruction):
 def find_runs(root):
     """{row name: [(run folder, adapter folder), ...]} for the finished cpu runs under root trained with the
     perception text."""
-    rows = {}
+    rows, seeds = {}, set()
     for cfg_path in sorted(Path(root).glob("*/config.json")):
         cfg = json.loads(cfg_path.read_text())
         run = cfg_path.parent
@@ -118,25 +119,30 @@ def find_runs(root):
         finished = any(r["phase"] == "eval" and r["step"] == cfg.get("steps") for r in logged)
         if cfg.get("preset") != "cpu" or not cfg.get("describe") or not finished:
             continue  # another preset, prompts without the perception line, or a run still going
-        rows.setdefault(f"GRPO, {cfg.get('reward', 'paper')} reward", []).append((run, run / "adapter"))
-        if (run / "cold_start").is_dir():
+        how = "" if cfg.get("constrain") else ", free rollouts"  # sampled with or without the plan grammar
+        rows.setdefault(f"GRPO, {cfg.get('reward', 'paper')} reward{how}", []).append((run, run / "adapter"))
+        if (run / "cold_start").is_dir() and cfg["seed"] not in seeds:  # the cold start depends on the seed only
+            seeds.add(cfg["seed"])
             rows.setdefault("cold start", []).append((run, run / "cold_start"))
     return rows
 
 
-def plans(adapter, samples, cache_dir):
-    """Greedy plans of the cpu planner with this adapter, batched, as in train.py's evaluation. Kept in cache_dir
-    and reused while the adapter file and the requests are unchanged, so a rerun only plans for new runs."""
+def plans(adapter, samples, cache_dir, constrain=True):
+    """Greedy plans of the cpu planner with this adapter, batched, as in train.py's evaluation; `constrain`: with
+    the plan grammar. Kept in cache_dir and reused while the adapter file, the requests and `constrain` are
+    unchanged, so a rerun only plans for new runs."""
     from agents import load_planner
-    from rollout import greedy_plans
+    from rollout import greedy_plans, plan_grammar
     weights = Path(adapter) / "adapter_model.safetensors"
     key = {"adapter": str(Path(adapter).resolve()), "mtime": weights.stat().st_mtime,
-           "requests": [s["instruction"] for s in samples]}
-    cached = Path(cache_dir) / (re.sub(r"[^\w.-]+", "_", key["adapter"]).strip("_") + ".json")
+           "requests": [s["instruction"] for s in samples], "constrain": constrain}
+    name = re.sub(r"[^\w.-]+", "_", key["adapter"]).strip("_") + ("" if constrain else "_free")
+    cached = Path(cache_dir) / (name + ".json")
     if cached.exists() and {k: v for k, v in json.loads(cached.read_text()).items() if k != "plans"} == key:
         return json.loads(cached.read_text())["plans"]
     planner = load_planner("cpu", adapter=adapter, dequantized=True)
-    texts = greedy_plans(planner, key["requests"], 48, 25, [s["description"] for s in samples])
+    texts = greedy_plans(planner, key["requests"], 48, 25, [s["description"] for s in samples],
+                         plan_grammar(planner.tok) if constrain else None)
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps({**key, "plans": texts}))
     return texts
@@ -218,6 +224,7 @@ def main(argv=None):
     ap.add_argument("--root", default="runs", help="where the run folders are")
     ap.add_argument("--out", default="runs/eval", help="where table.md, results.json and examples.png go")
     ap.add_argument("--examples", type=int, default=4, help="requests in examples.png")
+    ap.add_argument("--free", action="store_true", help="decode plans without the plan grammar (rollout.PlanGrammar)")
     args = ap.parse_args(argv)
     from reward import Outcome
     from train import describe_images, load_requests
@@ -234,7 +241,7 @@ def main(argv=None):
         for run, adapter in [(None, None)] if name == "keyword baseline" else systems.get(name, []):
             t = time.time()
             texts = [keyword_plan(s["instruction"]) for s in test] if adapter is None else \
-                plans(adapter, test, out / "plans")
+                plans(adapter, test, out / "plans", not args.free)
             metrics, per = score(texts, test, outcome)
             results.setdefault(name, []).append({"run": str(run) if run else None, "adapter": str(adapter or ""),
                                                  "metrics": metrics, "plans": texts, "per_request": per})

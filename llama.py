@@ -67,15 +67,19 @@ class Llama:
             x = x + F.linear(F.silu(gate) * up, self.w[p + "mlp.down_proj.weight"])
         return F.linear(self.norm(x[-1], "model.norm.weight"), self.lm_head)
 
-    def greedy(self, ids, max_new_tokens, stop):
-        """The greedy continuation of `ids` (token ids), up to and without the first token in `stop`."""
-        cache, out = [], []
+    def greedy(self, ids, max_new_tokens, stop, grammar=None):
+        """The greedy continuation of `ids` (token ids), up to and without the first token in `stop`; `grammar`
+        (rollout.PlanGrammar) keeps it to runnable plans."""
+        cache, out, text = [], [], ""
         logits = self.forward(ids, cache)
         for _ in range(max_new_tokens):
+            if grammar is not None:
+                logits = logits.masked_fill(~grammar.mask([text], logits[None])[0], float("-inf"))
             tok = int(logits.argmax())
             if tok in stop:
                 break
             out.append(tok)
+            text += grammar.strings[tok] if grammar is not None else ""
             logits = self.forward([tok], cache)
         return out
 
@@ -105,6 +109,9 @@ class ChatTokenizer:
 
     def convert_tokens_to_ids(self, token):
         return self.bpe.token_to_id(token)
+
+    def __len__(self):
+        return self.bpe.get_vocab_size()
 
     def decode(self, ids, skip_special_tokens=False):
         return self.bpe.decode(list(ids), skip_special_tokens=skip_special_tokens)

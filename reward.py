@@ -142,7 +142,10 @@ def paper_rewards(completions, golds):
 #   quality   1 - BRISQUE / 100 (OpenCV's no-reference score: 0 is pristine, 100 is bad). Needs the model files of
 #             Debian's opencv-data package (`make install` unpacks them into .venv); without them it is skipped and
 #             the first call says so.
-# outcome = the weighted mean of the parts scored. A completion that does not parse, or that has a step an agent
+# outcome = target x the weighted mean of (1, preserve, quality) over the parts scored (the weighted mean of preserve
+# and quality alone where there is no target). The product matters: with a plain weighted mean, a GRPO run learned
+# to answer every request with a small edit that changes nearly nothing, which keeps pixels and quality and was
+# worth 0.3 whatever the request asked. A completion that does not parse, or that has a step an agent
 # fails on (an action the editor lacks, an agent raising), gets 0, the minimum; failures are counted, never raised.
 #
 # Caching: the G samples of a group often share plans or their first steps. Every executed (image, step prefix) is
@@ -306,9 +309,10 @@ class Outcome:
                         scored[key] = result
                 row["failed"] = float(result is None)
                 row.update(result or {})
-            parts = [(w, row[n]) for w, n in zip(self.weights, names) if n in row and w > 0]
+            parts = [(w, 1.0 if n == "target" else row[n]) for w, n in zip(self.weights, names) if n in row and w > 0]
             ok = row["parsed"] and not row["failed"] and parts
-            row["outcome"] = sum(w * v for w, v in parts) / sum(w for w, _ in parts) if ok else 0.0
+            mean = sum(w * v for w, v in parts) / sum(w for w, _ in parts) if ok else 0.0
+            row["outcome"] = mean * row.get("target", 1.0)  # gated: no credit for keeping pixels without the edit
             rows.append(row)
         info = {k: torch.tensor([r.get(k, float("nan")) for r in rows])
                 for k in ("outcome", *names, "failed", "parsed", "scorable")}

@@ -58,6 +58,114 @@ def top_p_filter(probs, top_p):
     return torch.zeros_like(probs).scatter(-1, idx, p.masked_fill(drop, 0.0))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Constrained decoding: the CPU editor has a closed vocabulary, so a plan with any other action or goal fails at
+# run time (the untrained 135M planner writes 'sepia filter', 'reframe', 'moderately' as actions). PlanGrammar
+# masks, at each decoding step, the tokens after which the text can no longer become a runnable plan:
+#   <action>A; A</action><subject>S; S</subject><goal>G; G</goal>   then a stop token, and nothing else
+# with A one of the editor's actions, G one of editor.goal_choices(A) for the action at the same position, S free
+# printable text (no ';', '<', '>', at most SUBJECT_CHARS), as many subjects and goals as actions, MAX_ITEMS at most.
+# Only the `top_k` likeliest tokens are tried (if none fits: the tokens of the choices and tags; then any).
+
+def plan_grammar(tok):
+    """The PlanGrammar of a tokenizer, built once (decoding every token takes about a second)."""
+    if getattr(tok, "_plan_grammar", None) is None:
+        tok._plan_grammar = PlanGrammar(tok, stop_ids(tok))
+    return tok._plan_grammar
+
+
+class PlanGrammar:
+    HEADS = ("<action>", "</action><subject>", "</subject><goal>", "</goal>")
+    MAX_ITEMS, SUBJECT_CHARS = 4, 32
+
+    def __init__(self, tok, stop, top_k=32):
+        import editor
+        self.tok, self.strings = tok, [tok.decode([i]) for i in range(len(tok))]  # the text each token adds
+        self.stop, self.top_k = set(stop), top_k
+        self.choices = {"action": editor.ACTIONS, **{a: editor.goal_choices(a) for a in editor.ACTIONS}}
+        # An action or goal is written in its own tokens only: 'sepia' may not start as 's' + 'epi', which the
+        # model never saw and after which it has no good next token. pieces[key, lead]: the texts at the token
+        # boundaries of each choice, written after a tag (lead "") or after '; ' (lead " ", which its first token
+        # carries).
+        self.pieces, self.common = {}, set()
+        for key, words in self.choices.items():
+            for lead in ("", " "):
+                self.pieces[key, lead] = {""}
+                for c in words:
+                    ids, done = tok(lead + c, add_special_tokens=False)["input_ids"], ""
+                    for i in ids:
+                        done += self.strings[i]
+                        self.pieces[key, lead].add(done)
+                    self.common.update(ids)
+        for text in (*self.HEADS, ";", "; ", "<", "</"):
+            self.common.update(tok(text, add_special_tokens=False)["input_ids"])
+
+    def state(self, text):
+        """'done' (a whole plan), 'open' (the start of one) or None (no runnable plan starts like this)."""
+        pos, actions = 0, []
+        for f, head in enumerate(self.HEADS):
+            rest = text[pos:]
+            if not rest.startswith(head):
+                return "open" if len(rest) < len(head) and head.startswith(rest) else None
+            pos += len(head)
+            if f == 3:
+                return "done" if pos == len(text) else None
+            end = text.find("<", pos)
+            items = self._items(f, text[pos:] if end < 0 else text[pos:end], actions, closed=end >= 0)
+            if items is None:
+                return None
+            if f == 0:
+                actions = items
+            if end < 0:
+                return "open"
+            pos = end
+
+    def _items(self, f, body, actions, closed):
+        """The complete items of one field's text, or None if it breaks the grammar."""
+        parts = body.split(";")
+        if any(p and not p.startswith(" ") for p in parts[1:]):
+            return None
+        items = [parts[0]] + [p[1:] for p in parts[1:]]
+        limit = self.MAX_ITEMS if f == 0 else len(actions)
+        if len(items) > limit or (closed and f and len(items) != limit):
+            return None
+        for i, (item, raw) in enumerate(zip(items, parts)):
+            last = i == len(items) - 1 and not closed  # still being written
+            if f == 1:
+                ok = (len(item) <= self.SUBJECT_CHARS and item.isprintable() and not set(item) & set("<>;\ufffd")
+                      and not item.startswith(" ") and (last or item.strip()))
+            else:
+                key = "action" if f == 0 else actions[i]
+                ok = raw in self.pieces[key, " " if i else ""] if last else item in self.choices[key]
+            if not ok:
+                return None
+        return items if closed else items[:-1]
+
+    def fits(self, text, token):
+        if token in self.stop:
+            return self.state(text) == "done"
+        s = self.strings[token] if token < len(self.strings) else ""
+        return bool(s) and self.state(text + s) is not None
+
+    def mask(self, texts, logits, skip=None):
+        """(N, V) bool: the tokens row i may take after texts[i]; rows in `skip` (finished) are left free."""
+        keep = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        top = logits.topk(min(self.top_k, logits.shape[-1]), -1).indices.tolist()
+        for i, text in enumerate(texts):
+            if skip is not None and skip[i]:
+                keep[i] = True
+                continue
+            if self.state(text) == "done":
+                keep[i, sorted(self.stop)] = True
+                continue
+            ok = [t for t in top[i] if self.fits(text, t)] or [t for t in self.common if self.fits(text, t)]
+            if not ok:  # rare (a subject's odd next character): the first few that fit, likeliest first
+                fit = (t for t in logits[i].argsort(descending=True).tolist() if self.fits(text, t))
+                ok = [t for _, t in zip(range(4), fit)] or sorted(self.stop)  # no token fits at all: stop
+            keep[i, ok] = True
+        return keep
+
+
 @dataclass
 class Rollout:
     ids: torch.Tensor   # (B*G, T) completion tokens, pad after a sequence stopped; rows ordered prompt-major
@@ -67,11 +175,11 @@ class Rollout:
 
 @torch.no_grad()
 def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, temperature=1.0, top_p=1.0,
-                 generator=None, allowed=None):
+                 generator=None, allowed=None, grammar=None):
     """Sample `group_size` completions for each prompt (a list of B token-id lists) with a shared KV cache.
     temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout.
     `allowed` (token ids) restricts which tokens may be drawn (the sequencer's constrained answer); the log-probs
-    stay those of the model's full distribution."""
+    stay those of the model's full distribution. `grammar` (a PlanGrammar) does the same for runnable plans."""
     device = next(model.parameters()).device
     ids, attn, pos = left_pad(prompts, pad_id, device)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
@@ -83,7 +191,7 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     stop = torch.tensor(stop, device=device, dtype=torch.long)
     N = logits.shape[0]
     done = torch.zeros(N, dtype=torch.bool, device=device)
-    toks, lps, masks = [], [], []
+    toks, lps, masks, texts = [], [], [], [""] * N
     if allowed is not None:
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
         keep[torch.tensor(sorted(set(allowed) | set(stop.tolist())), device=device)] = True
@@ -92,6 +200,8 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
         full = logits
         if allowed is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
+        if grammar is not None:
+            logits = logits.masked_fill(~grammar.mask(texts, logits, done.tolist()), float("-inf"))
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
@@ -102,6 +212,8 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
         lps.append(F.log_softmax(full, -1).gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
         masks.append(~done)
         done = done | torch.isin(tok, stop)
+        if grammar is not None:
+            texts = [t + grammar.strings[i] if i < len(grammar.strings) else t for t, i in zip(texts, tok.tolist())]
         if done.all():
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
@@ -145,15 +257,16 @@ def decode(tok, rollout):
 
 
 @torch.no_grad()
-def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=None):
+def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=None, grammar=None):
     """Greedy completions (text) for a list of requests, `batch` prompts decoded together. `descriptions`: the
-    perception text of each request's image, or None."""
+    perception text of each request's image, or None; `grammar`: a PlanGrammar, or None for free text."""
     tok, texts = planner.tok, []
     descriptions = descriptions or [None] * len(instructions)
     planner.policy.eval()
     for i in range(0, len(instructions), batch):
         prompts = [build_prompt(tok, x, d) for x, d in zip(instructions[i:i + batch], descriptions[i:i + batch])]
-        r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok), tok.pad_token_id, temperature=0)
+        r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok), tok.pad_token_id, temperature=0,
+                         grammar=grammar)
         texts += decode(tok, r)
     return texts
 

@@ -70,6 +70,8 @@ class Config:
     batch_prompts: int = 4               # B prompts per step
     group_size: int = 8                  # G completions per prompt
     max_new_tokens: int = 48             # plans are short; longer completions are cut
+    constrain: bool = True               # decode plans with rollout.PlanGrammar: only actions and goals the CPU
+                                         # editor reads (rollouts, evaluation and edit.py alike)
     temperature: float = 0.8             # sampling temperature of rollouts (evaluation is greedy)
     top_p: float = 1.0                   # nucleus sampling of rollouts
     lr: float = 3e-4                     # GRPO learning rate (the paper's 1e-6 is for full 7B weights, not LoRA)
@@ -97,9 +99,9 @@ PRESETS = {
     "cpu": {},
     "tiny": dict(lora_r=4, lora_alpha=8, train_n=40, sft_n=4, sft_steps=2, sft_batch=2, steps=4, batch_prompts=2,
                  group_size=4, max_new_tokens=12, eval_n=4, eval_batch=4, eval_every=2, save_every=2, lr=1e-2,
-                 describe=False),
+                 describe=False, constrain=False),
     "gpu24": dict(lora_r=64, lora_alpha=128, max_new_tokens=128, batch_prompts=8, eval_batch=32,
-                  grad_checkpointing=True),
+                  grad_checkpointing=True, constrain=False),  # diffusers editors read free text
 }
 
 
@@ -186,9 +188,9 @@ def evaluate(planner, samples, cfg):
     """Greedy plans for held-out samples, scored with the paper's reward. Returns mean format-valid rate, F1 per
     field, mean F1 and mean reward, plus the completions."""
     from reward import paper_rewards
-    from rollout import greedy_plans
+    from rollout import greedy_plans, plan_grammar
     texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch,
-                         [s.get("description") for s in samples])
+                         [s.get("description") for s in samples], plan_grammar(planner.tok) if cfg.constrain else None)
     rewards, info = paper_rewards(texts, samples)
     out = {k: round(v.mean().item(), 4) for k, v in info.items()}
     out["reward"] = round(rewards.mean().item(), 4)
@@ -310,7 +312,7 @@ def main(cfg):
 
     from agents import load_planner
     from reward import Outcome, paper_rewards
-    from rollout import build_prompt, completion_logp, decode, sample_group, stop_ids
+    from rollout import build_prompt, completion_logp, decode, plan_grammar, sample_group, stop_ids
 
     if cfg.reward not in ("paper", "outcome", "both"):
         raise SystemExit(f"error: reward={cfg.reward!r}; choose paper, outcome or both")
@@ -398,6 +400,7 @@ def main(cfg):
         save_checkpoint(out, policy, opt, sched, 0)
 
     stop, pad, bad = stop_ids(tok), tok.pad_token_id, 0
+    grammar = plan_grammar(tok) if cfg.constrain else None
     outcome = Outcome(cfg.outcome_size, cfg.outcome_weights) if cfg.reward != "paper" else None
     B, G = cfg.batch_prompts, cfg.group_size
     for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
@@ -407,7 +410,8 @@ def main(cfg):
         prompts = [build_prompt(tok, s["instruction"], s.get("description")) for s in batch]
         policy.eval()
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen)
+        roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen,
+                            grammar=grammar)
         # score all B*G completions in one call; advantages within each group
         texts, golds = decode(tok, roll), [s for s in batch for _ in range(G)]
         rewards, info = paper_rewards(texts, golds)

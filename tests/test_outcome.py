@@ -34,7 +34,7 @@ def test_gold_plan_scores_one_and_wrong_plans_less(scorer):
     assert target[0] == pytest.approx(1.0) and preserve[0] == pytest.approx(1.0)
     assert 0.1 < target[1] < 0.9 and preserve[1] > 0.95          # partway there, the person left alone
     assert target[2] < 0.2 and preserve[2] < 0.5                 # blurred the person: not the target, not preserved
-    assert target[3] == 0.0
+    assert target[3] == 0.0 and preserve[3] < 0.5 and r[3] == 0.0  # no step towards the target: 0, whatever else
     assert r[0] == max(r) and r[0] > r[1] > r[2] and r[4] == 0.0 and info["parsed"].tolist() == [1, 1, 1, 1, 0]
 
 
