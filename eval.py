@@ -4,12 +4,15 @@ the edited images are scored against the targets (reward.Outcome) next to the pa
 
     python eval.py                          # every cpu run under runs/, grouped by its reward; writes runs/eval/
     python eval.py --n=40 --root=runs --out=runs/eval --examples=4
+    python eval.py --free --out=runs/eval_free  # plans decoded without the plan grammar
 
 Rows:
     keyword baseline      a hand-written keyword parser of the request (the "hand-crafted pipeline"), then the
                           same sequencing, region and editing agents
-    cold start            the planner after the format cold start only (each run's cold_start/ adapter)
-    GRPO, <r> reward      the planner after GRPO with reward r (paper, outcome, both): each run's adapter/
+    cold start            the planner after the format cold start only (one cold_start/ adapter per seed)
+    GRPO, <r> reward      the planner after GRPO with reward r (paper, outcome, both): each run's adapter/;
+                          ", free rollouts" when the run sampled without the plan grammar (constrain=False)
+Every planner decodes greedily under the plan grammar (rollout.PlanGrammar), as edit.py does, unless --free.
 Trained rows are the mean and spread (population std) over their seeds, one run folder per seed. Runs are those
 whose config.json has the cpu preset with the perception text on (the prompts the planner was trained with).
 

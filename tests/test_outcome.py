@@ -153,14 +153,15 @@ def test_eval_table_and_files(tmp_path):
         (run / "adapter").mkdir(parents=True)
         (run / "cold_start").mkdir()
         cfg = {"preset": "tiny" if name == "t" else "cpu", "describe": True, "seed": seed, "reward": reward,
-               "steps": 25}
+               "steps": 25, **({"constrain": True} if reward == "outcome" else {})}
         (run / "config.json").write_text(json.dumps(cfg))
         (run / "metrics.jsonl").write_text(json.dumps({"phase": "eval", "step": 25}) + "\n")
     (tmp_path / "runs" / "o1" / "adapter").mkdir(parents=True)  # a run still going: no final evaluation yet
     (tmp_path / "runs" / "o1" / "config.json").write_text(json.dumps({**cfg, "preset": "cpu", "reward": "outcome"}))
     rows = ev.find_runs(tmp_path / "runs")
-    assert sorted(rows) == ["GRPO, outcome reward", "GRPO, paper reward", "cold start"]
-    assert [r.name for r, _ in rows["GRPO, paper reward"]] == ["p0", "p1"] and len(rows["cold start"]) == 3
+    assert sorted(rows) == ["GRPO, outcome reward", "GRPO, paper reward, free rollouts", "cold start"]
+    assert [r.name for r, _ in rows["GRPO, paper reward, free rollouts"]] == ["p0", "p1"]
+    assert [r.name for r, _ in rows["cold start"]] == ["o0", "p1"]  # one per seed: o0 and p0 share seed 0
     m = {"target": 0.5, "preserve": float("nan"), "quality": 0.7, "failed": 0.1, "format": 1, "f1": 0.4, "paper": 0.6}
     md = ev.table({"keyword baseline": [{"metrics": m}],
                    "GRPO, paper reward": [{"metrics": m}, {"metrics": {**m, "target": 0.7}}]})
