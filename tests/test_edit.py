@@ -18,9 +18,13 @@ PLANS = {"face+bg": "<action>brighten; blur</action><subject>face; background</s
 
 @pytest.fixture
 def planner_says(monkeypatch):
-    """Make the planner answer `text`, without loading a model."""
+    """Make the planner answer `text`, without loading a model; `asked` keeps whether it was to be constrained."""
+    asked = []
+
     def say(text):
-        monkeypatch.setattr(edit, "load_planner", lambda preset, adapter, n, model=False: (None, lambda x, d: text))
+        monkeypatch.setattr(edit, "load_planner", lambda preset, adapter, n, model=False, constrain=False:
+                            asked.append(constrain) or (None, lambda x, d: text))
+    say.asked = asked
     return say
 
 
@@ -41,6 +45,10 @@ def test_two_steps_in_order_with_trace_and_compare(planner_says, photo):
     out = photo.with_name("astronaut_edited.png")
     trace = json.loads(out.with_suffix(".json").read_text())
     assert trace["plan"]["action"] == ["brighten", "blur"] and trace == json.loads(json.dumps(rec))
+    assert trace["constrained"] is True and planner_says.asked == [True]  # the cpu preset's default
+    run(photo, "blur the background", "--no-constrain", "--force")
+    assert planner_says.asked == [True, False]
+    assert json.loads(out.with_suffix(".json").read_text())["constrained"] is False
     assert [s["text"] for s in trace["steps"]] == ["brighten the face: strongly", "blur the background: strongly"]
     assert [s["agent"] for s in trace["steps"]] == ["face", "background"]
     assert all("error" not in s and s["seconds"] > 0 for s in trace["steps"])
