@@ -103,6 +103,7 @@ def goal_choices(action):
             "rotate": ["90 degrees", "180 degrees", "270 degrees"], "flip": ["horizontal", "vertical"]}.get(
         action, ["full"])  # grayscale, sepia, remove: no parameter
 
+
 def amount(goal):
     """0, 1, 2 for slightly, moderately, strongly. The first amount word in the goal wins; none -> moderately."""
     m = _AMOUNT_RE.search(str(goal).lower())

@@ -68,7 +68,7 @@ def top_p_filter(probs, top_p):
 # Only the `top_k` likeliest tokens are tried (if none fits: the tokens of the choices and tags; then any).
 
 def plan_grammar(tok):
-    """The PlanGrammar of a tokenizer, built once (decoding every token takes about a second)."""
+    """The PlanGrammar of a tokenizer, built once (decoding each of SmolLM2's 49k tokens takes 0.1-0.3 s)."""
     if getattr(tok, "_plan_grammar", None) is None:
         tok._plan_grammar = PlanGrammar(tok, stop_ids(tok))
     return tok._plan_grammar
