@@ -75,11 +75,13 @@ def plan_grammar(tok):
 
 
 class PlanGrammar:
-    HEADS = ("<action>", "</action><subject>", "</subject><goal>", "</goal>")
     MAX_ITEMS, SUBJECT_CHARS = 4, 32
 
     def __init__(self, tok, stop, top_k=32):
         import editor
+        from reward import FIELDS  # the tags of reward.format_plan: '<action>', '</action><subject>', ...
+        a, s, g = FIELDS
+        self.heads = (f"<{a}>", f"</{a}><{s}>", f"</{s}><{g}>", f"</{g}>")
         self.tok, self.strings = tok, [tok.decode([i]) for i in range(len(tok))]  # the text each token adds
         self.stop, self.top_k = set(stop), top_k
         self.choices = {"action": editor.ACTIONS, **{a: editor.goal_choices(a) for a in editor.ACTIONS}}
@@ -97,13 +99,13 @@ class PlanGrammar:
                         done += self.strings[i]
                         self.pieces[key, lead].add(done)
                     self.common.update(ids)
-        for text in (*self.HEADS, ";", "; ", "<", "</"):
+        for text in (*self.heads, ";", "; ", "<", "</"):
             self.common.update(tok(text, add_special_tokens=False)["input_ids"])
 
     def state(self, text):
         """'done' (a whole plan), 'open' (the start of one) or None (no runnable plan starts like this)."""
         pos, actions = 0, []
-        for f, head in enumerate(self.HEADS):
+        for f, head in enumerate(self.heads):
             rest = text[pos:]
             if not rest.startswith(head):
                 return "open" if len(rest) < len(head) and head.startswith(rest) else None
@@ -213,7 +215,7 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
         masks.append(~done)
         done = done | torch.isin(tok, stop)
         if grammar is not None:
-            texts = [t + grammar.strings[i] if i < len(grammar.strings) else t for t, i in zip(texts, tok.tolist())]
+            texts = [t + grammar.strings[i] for t, i in zip(texts, tok.tolist())]  # the mask keeps ids in range
         if done.all():
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
