@@ -19,7 +19,9 @@ whose config.json has the cpu preset with the perception text on (the prompts th
 Metrics, on the held-out split at 256 px (see reward.py): target similarity (instruction following: the share of
 the way from the source to the target image), preservation (pixels outside the gold regions left alone), quality
 (1 - BRISQUE / 100), failed (plans that do not parse or that an agent cannot carry out; they score 0 on target
-similarity and are left out of preservation and quality), plus format, F1 and the paper's reward.
+similarity and are left out of preservation and quality), plus format, F1 and the paper's reward. Target
+similarity is also split by requests of one edit and of two or more, next to the mean number of edits in the
+plans that parse (the held-out gold plans have 1.65).
 Writes <out>/table.md, <out>/results.json (every plan of every system) and <out>/examples.png; each adapter's
 plans are kept in <out>/plans/ and reused while the adapter is unchanged.
 """
@@ -32,8 +34,9 @@ from pathlib import Path
 
 ROWS = ["keyword baseline", "cold start", *(f"GRPO, {r} reward{how}" for how in (", free rollouts", "")
                                             for r in ("paper", "outcome", "both"))]
-COLUMNS = [("target", "target sim."), ("preserve", "preservation"), ("quality", "quality"), ("failed", "failed"),
-           ("format", "format"), ("f1", "F1"), ("paper", "paper reward")]
+COLUMNS = [("target", "target sim."), ("target_1", "target, 1 edit"), ("target_2", "target, 2+ edits"), ("edits", "edits/plan"),
+           ("preserve", "preservation"), ("quality", "quality"), ("failed", "failed"), ("format", "format"),
+           ("f1", "F1"), ("paper", "paper reward")]
 
 # ----------------------------------------------------------------------------------------------------------------
 # The keyword baseline: what a person writes in an afternoon, without a model. Each clause of the request gets the
@@ -155,12 +158,17 @@ def score(texts, samples, outcome):
     """Mean metrics of one system's plans, and the per-request values."""
     import torch
 
-    from reward import paper_rewards
+    from reward import paper_rewards, parse
     paper, info = paper_rewards(texts, samples)
     _, out = outcome(texts, samples)
     usable = out["scorable"].bool()
     done = usable & (out["parsed"] > 0) & (out["failed"] == 0)
-    means = {"target": out["target"].nan_to_num(0.0)[usable].mean(), "failed": 1 - done[usable].float().mean(),
+    target = out["target"].nan_to_num(0.0)
+    multi = torch.tensor([len(s["action"]) > 1 for s in samples])
+    edits = [len(p["action"]) for p in map(parse, texts) if p["ok"]]
+    means = {"target": target[usable].mean(), "target_1": target[usable & ~multi].mean(),
+             "target_2": target[usable & multi].mean(), "edits": statistics.mean(edits) if edits else float("nan"),
+             "failed": 1 - done[usable].float().mean(),
              "preserve": out["preserve"][done].nanmean(), "quality": out["quality"][done].nanmean(),
              "format": info["format"].mean(), "f1": info["f1"].mean(), "paper": paper.mean()}
     per = [{k: round(v[i].item(), 4) for k, v in {**out, "f1": info["f1"]}.items()} for i in range(len(texts))]

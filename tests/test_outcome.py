@@ -162,17 +162,26 @@ def test_eval_table_and_files(tmp_path):
     assert sorted(rows) == ["GRPO, outcome reward", "GRPO, paper reward, free rollouts", "cold start"]
     assert [r.name for r, _ in rows["GRPO, paper reward, free rollouts"]] == ["p0", "p1"]
     assert [r.name for r, _ in rows["cold start"]] == ["o0", "p1"]  # one per seed: o0 and p0 share seed 0
-    m = {"target": 0.5, "preserve": float("nan"), "quality": 0.7, "failed": 0.1, "format": 1, "f1": 0.4, "paper": 0.6}
+    m = {"target": 0.5, "target_1": 0.6, "target_2": 0.4, "edits": 1.5, "preserve": float("nan"), "quality": 0.7, "failed": 0.1, "format": 1, "f1": 0.4, "paper": 0.6}
     md = ev.table({"keyword baseline": [{"metrics": m}],
                    "GRPO, paper reward": [{"metrics": m}, {"metrics": {**m, "target": 0.7}}]})
     lines = md.splitlines()
-    assert lines[2].startswith("| keyword baseline | - | 0.500 | - | 0.700 |")
-    assert lines[3].startswith("| GRPO, paper reward | 2 | 0.600 ± 0.100 | - |")
+    assert lines[2].startswith("| keyword baseline | - | 0.500 | 0.600 | 0.400 | 1.500 | - | 0.700 |")
+    assert lines[3].startswith("| GRPO, paper reward | 2 | 0.600 ± 0.100 | 0.600 ± 0.000 | 0.400 ± 0.000 | 1.500 ± 0.000 | - |")
 
 
 def test_eval_end_to_end_keyword_only(tmp_path):
     import eval as ev
     res = ev.main(["--n=6", f"--root={tmp_path}", f"--out={tmp_path / 'eval'}", "--examples=2"])
     assert list(res) == ["keyword baseline"]
+    (kw,) = res["keyword baseline"]
+    from reward import parse
+    gold, m = make_split("test", 6), kw["metrics"]
+    for key, want in (("target_1", False), ("target_2", True)):  # the split of target similarity by edit count
+        vals = [0.0 if r["target"] != r["target"] else r["target"] for r, g in zip(kw["per_request"], gold)
+                if r["scorable"] and (len(g["action"]) > 1) == want]
+        assert vals and m[key] == pytest.approx(sum(vals) / len(vals), abs=1e-3)
+    edits = [len(p["action"]) for p in map(parse, kw["plans"]) if p["ok"]]
+    assert m["edits"] == pytest.approx(sum(edits) / len(edits), abs=1e-3)
     assert (tmp_path / "eval" / "examples.png").exists()
     assert "| keyword baseline |" in (tmp_path / "eval" / "table.md").read_text()
