@@ -412,6 +412,7 @@ def main(cfg):
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen,
                             grammar=grammar)
+        t_sample = time.time() - t
         # score all B*G completions in one call; advantages within each group
         texts, golds = decode(tok, roll), [s for s in batch for _ in range(G)]
         rewards, info = paper_rewards(texts, golds)
@@ -460,7 +461,8 @@ def main(cfg):
                "format": round(info["format"].mean().item(), 4), "f1": round(info["f1"].mean().item(), 4),
                "loss": round(loss_sum / n, 5), "kl": round(kl_sum / n, 5), "grad_norm": round(norm, 4),
                "kept_groups": len(keep), "dropped_groups": B - len(keep), "lr": sched.get_last_lr()[0],
-               "tokens": int(roll.mask.sum()), **extra, "seconds": round(time.time() - t, 2)}
+               "tokens": int(roll.mask.sum()), **extra, "sample_seconds": round(t_sample, 2),
+               "seconds": round(time.time() - t, 2)}
         log(row)
         tqdm.write(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} fmt {row['format']:.2f} "
                    f"f1 {row['f1']:.3f} | groups {len(keep)}/{B} | loss {row['loss']:+.4f} kl {row['kl']:.4f} "

@@ -147,6 +147,7 @@ def test_resume_replays_the_same_run(tmp_path, monkeypatch):
     full, full_rows = run(tmp_path, monkeypatch, "full")
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert all(r["kept_groups"] > 0 for r in full)  # the fake reward gives every group a signal: real updates
+    assert all(0 < r["sample_seconds"] < r["seconds"] for r in full)
 
     import train
     real_save = train.save_checkpoint
