@@ -5,6 +5,7 @@ the edited images are scored against the targets (reward.Outcome) next to the pa
     python eval.py                          # every cpu run under runs/, grouped by its reward; writes runs/eval/
     python eval.py --n=40 --root=runs --out=runs/eval --examples=4
     python eval.py --free --out=runs/eval_free  # plans decoded without the plan grammar
+    python eval.py --phrasings runs/gram0 runs/gram1   # does a run generalise to phrasings it never saw?
 
 Rows:
     keyword baseline      a hand-written keyword parser of the request (the "hand-crafted pipeline"), then the
@@ -229,6 +230,37 @@ def examples_png(path, samples, texts_by_row, outcome, k=4):
     pic.save(path)
 
 
+def phrasing_sets(run, n):
+    """Three sets of n labelled requests for a run folder: train requests its GRPO steps sampled, train requests it
+    never saw (not sampled, not in the cold start; same phrasing templates), and held-out requests (templates and
+    action combinations of the test split only)."""
+    from train import describe_images, grpo_batch, load_requests
+    cfg = json.loads((Path(run) / "config.json").read_text())
+    train = load_requests("", "train", cfg["train_n"], seed=cfg["seed"])
+    seen = {id(s) for step in range(cfg["steps"]) for s in grpo_batch(train, cfg["seed"], step, cfg["batch_prompts"])}
+    sets = {"seen train": [s for s in train if id(s) in seen][:n],
+            "unseen train": [s for s in train[cfg["sft_n"]:] if id(s) not in seen][:n],
+            "held-out": load_requests("", "test", n, seed=0)}
+    return {k: describe_images(v) for k, v in sets.items()}
+
+
+def phrasing_gap(runs, n, cache_dir):
+    """Action F1 and mean F1 of each run's cold start and GRPO adapter on phrasing_sets: is what GRPO learns the
+    request words it trained on, or the edits? Returns {run: {adapter: {set: (f1_action, f1)}}} and prints it."""
+    from reward import paper_rewards
+    out = {}
+    for run in map(Path, runs):
+        sets = phrasing_sets(run, n)
+        for adapter in ("cold_start", "adapter"):
+            for name, samples in sets.items():
+                _, info = paper_rewards(plans(run / adapter, samples, cache_dir), samples)
+                f1a, f1 = round(info["f1_action"].mean().item(), 3), round(info["f1"].mean().item(), 3)
+                out.setdefault(str(run), {}).setdefault(adapter, {})[name] = (f1a, f1)
+                print(f"{str(run):<14} {adapter:<11} {name:<13} n={len(samples)} f1_action={f1a:.3f} f1={f1:.3f}",
+                      flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100, help="held-out requests (train.py scores the first 100)")
@@ -236,7 +268,11 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/eval", help="where table.md, results.json and examples.png go")
     ap.add_argument("--examples", type=int, default=4, help="requests in examples.png")
     ap.add_argument("--free", action="store_true", help="decode plans without the plan grammar (rollout.PlanGrammar)")
+    ap.add_argument("--phrasings", nargs="+", metavar="RUN", help="only compare these runs on train requests they "
+                    "sampled, unseen train requests and held-out ones (--n of each)")
     args = ap.parse_args(argv)
+    if args.phrasings:
+        return phrasing_gap(args.phrasings, args.n, Path(args.out) / "plans")
     from reward import Outcome
     from train import describe_images, load_requests
     test = describe_images(load_requests("", "test", args.n, seed=0))

@@ -134,6 +134,11 @@ def lr_factor(step, warmup, total):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def grpo_batch(train, seed, step, B):
+    """The B train requests GRPO step `step` samples: fixed by (seed, step), so a resumed run replays them."""
+    return random.Random(f"{seed}:{step}").sample(train, B)
+
+
 def detect_preset():
     """The preset for this machine and why: a CUDA GPU with at least 20 GB is meant for gpu24, anything else cpu."""
     if not torch.cuda.is_available():
@@ -406,7 +411,7 @@ def main(cfg):
     for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
         t = time.time()
         # sample: B prompts, G completions each; prompts and tokens are fixed by (seed, step), so runs replay
-        batch = random.Random(f"{cfg.seed}:{step}").sample(train, B)
+        batch = grpo_batch(train, cfg.seed, step, B)
         prompts = [build_prompt(tok, s["instruction"], s.get("description")) for s in batch]
         policy.eval()
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)

@@ -185,3 +185,28 @@ def test_eval_end_to_end_keyword_only(tmp_path):
     assert m["edits"] == pytest.approx(sum(edits) / len(edits), abs=1e-3)
     assert (tmp_path / "eval" / "examples.png").exists()
     assert "| keyword baseline |" in (tmp_path / "eval" / "table.md").read_text()
+
+
+def test_phrasing_sets_and_gap(tmp_path, monkeypatch):
+    import eval as ev
+    from data import TEMPLATE_SPLIT
+    from train import grpo_batch, load_requests
+    run = tmp_path / "r"
+    run.mkdir()
+    cfg = {"seed": 3, "train_n": 200, "sft_n": 20, "steps": 5, "batch_prompts": 4}
+    (run / "config.json").write_text(json.dumps(cfg))
+    sets = ev.phrasing_sets(run, 8)
+    assert [len(v) for v in sets.values()] == [8, 8, 8] and all("description" in s for v in sets.values() for s in v)
+    train = load_requests("", "train", 200, seed=3)
+    drawn = {s["instruction"] for k in range(5) for s in grpo_batch(train, 3, k, 4)}
+    assert {s["instruction"] for s in sets["seen train"]} <= drawn
+    assert not {s["instruction"] for s in sets["unseen train"]} & (drawn | {s["instruction"] for s in train[:20]})
+    for name, want in (("seen train", "train"), ("unseen train", "train"), ("held-out", "test")):
+        assert {TEMPLATE_SPLIT[t] for s in sets[name] for t in s["template"].split("+")} == {want}, name
+
+    asked = []
+    monkeypatch.setattr(ev, "plans", lambda adapter, samples, cache: asked.append(adapter.name) or
+                        [format_plan(s["action"], s["subject"], s["goal"]) for s in samples])  # gold plans
+    out = ev.phrasing_gap([run], 8, tmp_path / "plans")
+    assert asked == ["cold_start"] * 3 + ["adapter"] * 3
+    assert out[str(run)]["adapter"] == {"seen train": (1.0, 1.0), "unseen train": (1.0, 1.0), "held-out": (1.0, 1.0)}
