@@ -35,9 +35,9 @@ from pathlib import Path
 
 ROWS = ["keyword baseline", "cold start", *(f"GRPO, {r} reward{how}" for how in (", free rollouts", "")
                                             for r in ("paper", "outcome", "both"))]
-COLUMNS = [("target", "target sim."), ("target_1", "target, 1 edit"), ("target_2", "target, 2+ edits"), ("edits", "edits/plan"),
-           ("preserve", "preservation"), ("quality", "quality"), ("failed", "failed"), ("format", "format"),
-           ("f1", "F1"), ("paper", "paper reward")]
+COLUMNS = [("target", "target sim."), ("target_1", "target, 1 edit"), ("target_2", "target, 2+ edits"),
+           ("edits", "edits/plan"), ("preserve", "preservation"), ("quality", "quality"), ("failed", "failed"),
+           ("format", "format"), ("f1", "F1"), ("paper", "paper reward")]
 
 # ----------------------------------------------------------------------------------------------------------------
 # The keyword baseline: what a person writes in an afternoon, without a model. Each clause of the request gets the
@@ -235,6 +235,9 @@ def phrasing_sets(run, n):
     never saw (not sampled, not in the cold start; same phrasing templates), and held-out requests (templates and
     action combinations of the test split only)."""
     from train import describe_images, grpo_batch, load_requests
+    missing = [f for f in ("config.json", "cold_start", "adapter") if not (Path(run) / f).exists()]
+    if missing:
+        raise SystemExit(f"error: {run} is not a finished run folder (no {', '.join(missing)})")
     cfg = json.loads((Path(run) / "config.json").read_text())
     train = load_requests("", "train", cfg["train_n"], seed=cfg["seed"])
     seen = {id(s) for step in range(cfg["steps"]) for s in grpo_batch(train, cfg["seed"], step, cfg["batch_prompts"])}

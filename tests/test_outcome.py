@@ -162,12 +162,14 @@ def test_eval_table_and_files(tmp_path):
     assert sorted(rows) == ["GRPO, outcome reward", "GRPO, paper reward, free rollouts", "cold start"]
     assert [r.name for r, _ in rows["GRPO, paper reward, free rollouts"]] == ["p0", "p1"]
     assert [r.name for r, _ in rows["cold start"]] == ["o0", "p1"]  # one per seed: o0 and p0 share seed 0
-    m = {"target": 0.5, "target_1": 0.6, "target_2": 0.4, "edits": 1.5, "preserve": float("nan"), "quality": 0.7, "failed": 0.1, "format": 1, "f1": 0.4, "paper": 0.6}
+    m = {"target": 0.5, "target_1": 0.6, "target_2": 0.4, "edits": 1.5, "preserve": float("nan"), "quality": 0.7,
+         "failed": 0.1, "format": 1, "f1": 0.4, "paper": 0.6}
     md = ev.table({"keyword baseline": [{"metrics": m}],
                    "GRPO, paper reward": [{"metrics": m}, {"metrics": {**m, "target": 0.7}}]})
     lines = md.splitlines()
     assert lines[2].startswith("| keyword baseline | - | 0.500 | 0.600 | 0.400 | 1.500 | - | 0.700 |")
-    assert lines[3].startswith("| GRPO, paper reward | 2 | 0.600 ± 0.100 | 0.600 ± 0.000 | 0.400 ± 0.000 | 1.500 ± 0.000 | - |")
+    assert lines[3].startswith("| GRPO, paper reward | 2 | 0.600 ± 0.100 | 0.600 ± 0.000 | 0.400 ± 0.000 | "
+                               "1.500 ± 0.000 | - |")
 
 
 def test_eval_end_to_end_keyword_only(tmp_path):
@@ -193,6 +195,10 @@ def test_phrasing_sets_and_gap(tmp_path, monkeypatch):
     from train import grpo_batch, load_requests
     run = tmp_path / "r"
     run.mkdir()
+    with pytest.raises(SystemExit, match="not a finished run folder .no config.json, cold_start, adapter"):
+        ev.phrasing_sets(run, 8)
+    (run / "cold_start").mkdir()
+    (run / "adapter").mkdir()
     cfg = {"seed": 3, "train_n": 200, "sft_n": 20, "steps": 5, "batch_prompts": 4}
     (run / "config.json").write_text(json.dumps(cfg))
     sets = ev.phrasing_sets(run, 8)
