@@ -255,8 +255,9 @@ def phrasing_gap(runs, n, cache_dir):
     for run in map(Path, runs):
         sets = phrasing_sets(run, n)
         for adapter in ("cold_start", "adapter"):
+            texts = iter(plans(run / adapter, [s for v in sets.values() for s in v], cache_dir))  # one load
             for name, samples in sets.items():
-                _, info = paper_rewards(plans(run / adapter, samples, cache_dir), samples)
+                _, info = paper_rewards([next(texts) for _ in samples], samples)
                 f1a, f1 = round(info["f1_action"].mean().item(), 3), round(info["f1"].mean().item(), 3)
                 out.setdefault(str(run), {}).setdefault(adapter, {})[name] = (f1a, f1)
                 print(f"{str(run):<14} {adapter:<11} {name:<13} n={len(samples)} f1_action={f1a:.3f} f1={f1:.3f}",
