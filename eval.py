@@ -244,7 +244,8 @@ def phrasing_sets(run, n):
     sets = {"seen train": [s for s in train if id(s) in seen][:n],
             "unseen train": [s for s in train[cfg["sft_n"]:] if id(s) not in seen][:n],
             "held-out": load_requests("", "test", n, seed=0)}
-    return {k: describe_images(v) for k, v in sets.items()}
+    describe_images([s for v in sets.values() for s in v])  # in place, each image described once for all sets
+    return sets
 
 
 def phrasing_gap(runs, n, cache_dir):
