@@ -7,7 +7,7 @@ of the region and editing agents.
                            (`$XDG_CACHE_HOME/imageedit-r1/`, default `~/.cache/imageedit-r1/`), later loads skip that.
     load_planner("tiny")   a random tiny Llama with an in-process tokenizer and chat template, for tests. Saved to a
                            folder and loaded back through the same `from_pretrained` code as the real model.
-    load_planner("gpu24")  Qwen2.5-VL-7B-Instruct from the hub (the paper's planner). Exercised in a later issue.
+    vlm.load(...)          the gpu24 planner, Qwen2.5-VL-7B-Instruct (the paper's; it sees the image): vlm.py.
     sequence(plan, planner)  ordered Steps (action, subject, goal, text): the planner's base with the adapter off,
                            or rules (geometry, removals, object colours, tone, finishing effects).
     agent("face")          a region or editing agent, built on first use by LOADERS[name] (see the registry below).
@@ -126,8 +126,9 @@ def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
 @dataclass
 class Planner:
     model: torch.nn.Module      # the 4-bit base model (the one inside `policy`)
-    tok: object                 # tokenizer (or processor for the VLM)
+    tok: object                 # tokenizer
     policy: torch.nn.Module     # peft model: base + LoRA adapter; `policy.disable_adapter()` gives the reference
+    processor: object = None    # the VLM's processor (images and text, see vlm.py); None for a text planner
 
 
 def _no_avx512_repack(model):
@@ -206,9 +207,7 @@ def planner_folder(preset, folder=None):
         return folder or smollm2_folder()[0]
     if preset == "tiny":
         return tiny_folder(folder or cache_dir() / "tiny-llama")
-    if preset == "gpu24":
-        raise NotImplementedError(f"the gpu24 planner ({QWEN_VL}) arrives with the GPU issue; use --preset=cpu")
-    raise ValueError(f"unknown preset {preset!r}: choose cpu, tiny or gpu24")
+    raise ValueError(f"no Llama planner for preset {preset!r}: choose cpu or tiny (gpu24's planner: vlm.load)")
 
 
 def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0,
@@ -286,8 +285,20 @@ def _retouch():  # the CPU editing agent: plain image operations, no weights
     return editor
 
 
+def _grounding():  # gpu24 regions: OWLv2 boxes refined by SAM (grounding.py), falling back to the CPU agents
+    import grounding
+    return grounding.load()
+
+
+def _diffusion(name):  # gpu24 editors: InstructPix2Pix, SD inpainting, FLUX.1-Kontext (diffusion.py)
+    def load():
+        import diffusion
+        return diffusion.load_editor(name)
+    return load
+
+
 LOADERS = {"selfie": _selfie, "face": _face, "haar": _haar, "ocr": _ocr, "saliency": _saliency,
-           "retouch": _retouch}
+           "retouch": _retouch, "grounding": _grounding, **{n: _diffusion(n) for n in ("pix2pix", "inpaint", "kontext")}}
 _loaded = {}  # name -> agent
 LOAD_SECONDS = {}  # name -> seconds its loader took, for traces and the README
 
@@ -309,10 +320,14 @@ def loaded():
 
 
 def unload(name=None):
-    """Drop one agent (or all) so that its memory can be freed; the next `agent(name)` loads it again."""
+    """Drop one agent (or all) and free its memory (GPU memory too); the next `agent(name)` loads it again."""
+    import gc
     for n in [name] if name else list(_loaded):
         _loaded.pop(n, None)
         LOAD_SECONDS.pop(n, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------

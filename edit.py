@@ -97,24 +97,36 @@ def save_atomic(write, path):
         tmp.unlink(missing_ok=True)
 
 
-def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constrain=False):
-    """(planner, write): `write(instruction, description)` is the planner's greedy answer; `planner` is the
-    transformers planner `agents.sequence` needs for `--sequencer=model` (else None). A Llama planner is run by
+def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constrain=False, planner_name=None):
+    """(planner, write): `write(instruction, description, image)` is the planner's greedy answer; `planner` is
+    the transformers planner `agents.sequence` needs for `--sequencer=model` (else None). A Llama planner is run by
     llama.py, which saves the ~4 s transformers' model classes take to import; the others by transformers.
-    `constrain`: decode with rollout.PlanGrammar (only what the CPU editor can run)."""
+    `constrain`: decode with rollout.PlanGrammar (only what the CPU editor can run). The VLM presets (gpu24,
+    tiny_vl) load Qwen2.5-VL (`planner_name`: a hub id or folder), which reads the image itself."""
     import agents
     from rollout import build_prompt, greedy_plans, plan_grammar, stop_ids
     if preset in ("cpu", "tiny") and not sequencer_model:
         import llama
         model, tok = llama.load(agents.dequantized_folder(agents.planner_folder(preset)), adapter)
         grammar = plan_grammar(tok) if constrain else None
-        return None, lambda x, d: tok.decode(model.greedy(build_prompt(tok, x, d), max_new_tokens, stop_ids(tok),
-                                                          grammar), skip_special_tokens=True)
+        return None, lambda x, d, im: tok.decode(model.greedy(build_prompt(tok, x, d), max_new_tokens,
+                                                              stop_ids(tok), grammar), skip_special_tokens=True)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a command line prints its own lines, not a bar per weight file
-    planner = agents.load_planner(preset, adapter=adapter, dequantized=True)
+    if preset in ("gpu24", "tiny_vl"):
+        import torch
+
+        import vlm
+        cuda = torch.cuda.is_available()
+        name = planner_name or (vlm.MODELS["7b"] if preset == "gpu24" else str(vlm.tiny_folder(
+            agents.cache_dir() / "tiny-qwen2.5-vl")))
+        planner = vlm.load(name, adapter=adapter, device="cuda" if cuda else "cpu",
+                           dtype=torch.bfloat16 if cuda else torch.float32)
+    else:
+        planner = agents.load_planner(preset, adapter=adapter, dequantized=True)
     grammar = plan_grammar(planner.tok) if constrain else None
-    return planner, lambda x, d: greedy_plans(planner, [x], max_new_tokens, descriptions=[d], grammar=grammar)[0]
+    return planner, lambda x, d, im: greedy_plans(planner, [x], max_new_tokens, descriptions=[d], grammar=grammar,
+                                                  images=[im])[0]
 
 
 def main(argv=None):
@@ -123,7 +135,14 @@ def main(argv=None):
     ap.add_argument("instruction")
     ap.add_argument("--adapter", help="a LoRA adapter folder saved by train.py (default: the newest under runs/)")
     ap.add_argument("--base", action="store_true", help="use the base planner even if runs/ has an adapter")
-    ap.add_argument("--preset", default="cpu", choices=["cpu", "tiny", "gpu24"])
+    ap.add_argument("--preset", default="cpu", choices=["cpu", "tiny", "gpu24", "tiny_vl"],
+                    help="gpu24: Qwen2.5-VL-7B, grounding and diffusers editors on a 24 GB GPU; tiny_vl: its code "
+                         "on a random tiny model")
+    ap.add_argument("--planner", help="the VLM planner's hub id or folder (gpu24 default: Qwen/Qwen2.5-VL-7B-Instruct)")
+    ap.add_argument("--editor", choices=["retouch", "kontext", "pix2pix", "inpaint"],
+                    help="the editing agent (default: kontext on gpu24, else the CPU retouch editor)")
+    ap.add_argument("--regions", choices=["cpu", "grounding"],
+                    help="the region agents (default: OWLv2 + SAM grounding on gpu24, else the CPU agents)")
     ap.add_argument("--out", help="where to write the edited image (default: <image>_edited.png)")
     ap.add_argument("--compare", action="store_true", help="also write a before | after picture")
     ap.add_argument("--force", action="store_true", help="overwrite existing outputs (never the input)")
@@ -138,6 +157,14 @@ def main(argv=None):
     t_start = time.time()
 
     instruction = check_instruction(args.instruction)
+    if args.preset == "gpu24":
+        import torch
+        if not torch.cuda.is_available():
+            sys.exit("error: the gpu24 preset needs a CUDA GPU (about 24 GB) and this machine has none; use "
+                     "--preset=cpu (the default), or --preset=tiny_vl to run gpu24's code on a tiny random model")
+    vlm_preset = args.preset in ("gpu24", "tiny_vl")
+    editor_name = args.editor or ("kontext" if args.preset == "gpu24" else "retouch")
+    region_name = args.regions or ("grounding" if args.preset == "gpu24" else "cpu")
     out, trace_path, compare_path = output_paths(args)
     from data import DataError, open_image, to_rgb
     try:
@@ -161,7 +188,7 @@ def main(argv=None):
     adapter = args.adapter or (None if args.base else newest_adapter())
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         sys.exit(f"error: {adapter} is not an adapter folder (no adapter_config.json); train one with `make train`")
-    describe = args.describe if args.describe is not None else args.preset != "gpu24"  # gpu24's planner sees
+    describe = args.describe if args.describe is not None else not vlm_preset  # a VLM planner sees the image
     arr, seconds = np.asarray(rgb), {}
 
     def perceive():  # in a thread while the planner loads: MediaPipe and ONNX Runtime work outside the GIL
@@ -174,7 +201,8 @@ def main(argv=None):
     with ThreadPoolExecutor(1) as pool:
         job = pool.submit(perceive) if describe else None
         try:
-            planner, write = load_planner(args.preset, adapter, args.max_new_tokens, use_model, constrain)
+            planner, write = load_planner(args.preset, adapter, args.max_new_tokens, use_model, constrain,
+                                          args.planner)
         except (NotImplementedError, RuntimeError, ValueError, OSError) as e:
             sys.exit(f"error: cannot load the {args.preset} planner" + (f" with adapter {adapter}" if adapter
                                                                          else "") + f": {e}")
@@ -185,7 +213,7 @@ def main(argv=None):
     if description:
         print(f"perception: {description}")
     t0 = time.time()
-    text = write(instruction, description)
+    text = write(instruction, description, rgb)
     seconds["plan"] = round(time.time() - t0, 2)
     plan = parse(text)
     print(f"planner output: {text!r}")
@@ -195,14 +223,24 @@ def main(argv=None):
                  "nothing was written")
 
     t0 = time.time()
-    steps, how = agents.sequence(plan, planner)
+    steps, how = agents.sequence(plan, planner if use_model else None)
     seconds["sequence"] = round(time.time() - t0, 2)
     print(f"order ({how}):")
     for i, s in enumerate(steps):
         print(f"  {i + 1}. {s.text}")
 
+    find = edit = None
+    if editor_name != "retouch" or region_name != "cpu":
+        planner = write = None  # the memory plan: the planner leaves before the region agents and editor load
+        agents.unload()
+    if region_name == "grounding":
+        find = lambda im, subject: agents.agent("grounding").find(im, subject)  # noqa: E731
+    if editor_name != "retouch":
+        import torch
+        gen = torch.Generator().manual_seed(0)  # one generator for the run: same request and image, same result
+        edit = lambda im, step, mask: agents.agent(editor_name)(im, step, mask, generator=gen)  # noqa: E731
     t0 = time.time()
-    edited, trace = run_steps(arr, steps, WORK_SIZE)
+    edited, trace = run_steps(arr, steps, WORK_SIZE, find=find, edit=edit)
     seconds["steps"] = round(time.time() - t0, 2)
     for r in trace:
         print(f"  step {r['step']}: {r['text']:<40} {r.get('region', '')} ({r['seconds']:.2f}s)"
@@ -220,7 +258,8 @@ def main(argv=None):
         result.putalpha(alpha)
     save_atomic(result.save, out)
     seconds["total"] = round(time.time() - t_start, 2)
-    record = {"image": str(args.image), "instruction": instruction, "preset": args.preset,
+    record = {"image": str(args.image), "instruction": instruction, "preset": args.preset, "editor": editor_name,
+              "regions": region_name,
               "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height],
               "size_out": [result.width, result.height], "description": description, "planner_output": text,
               "constrained": constrain,

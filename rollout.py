@@ -175,21 +175,38 @@ class Rollout:
     logp: torch.Tensor  # (B*G, T) log-prob of each token under the model, 0 at padding
 
 
+def prompt_inputs(model, prompts, pad_id, vision=None):
+    """The model inputs of left-padded prompts: (inputs dict, attention mask (B, L), positions (B, L), or (3, B, L)
+    for a VLM). `vision` (a vlm.Vision): the prompts' images, written into the token embeddings."""
+    ids, attn, pos = left_pad(prompts, pad_id, next(model.parameters()).device)
+    if vision is None:
+        return {"input_ids": ids}, attn, pos
+    embeds, pos = vision.inputs(model.get_input_embeddings(), ids, attn)
+    return {"inputs_embeds": embeds}, attn, pos
+
+
+def prefill(model, prompts, pad_id, vision=None):
+    """One forward pass over the prompts, keeping the KV cache and the last position's logits.
+    Returns (output, attention mask, positions)."""
+    inputs, attn, pos = prompt_inputs(model, prompts, pad_id, vision)
+    return model(**inputs, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1), attn, pos
+
+
 @torch.no_grad()
 def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, temperature=1.0, top_p=1.0,
-                 generator=None, allowed=None, grammar=None):
+                 generator=None, allowed=None, grammar=None, vision=None):
     """Sample `group_size` completions for each prompt (a list of B token-id lists) with a shared KV cache.
     temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout.
     `allowed` (token ids) restricts which tokens may be drawn (the sequencer's constrained answer); the log-probs
-    stay those of the model's full distribution. `grammar` (a PlanGrammar) does the same for runnable plans."""
+    stay those of the model's full distribution. `grammar` (a PlanGrammar) does the same for runnable plans.
+    `vision` (a vlm.Vision): the prompts' images, for a VLM planner."""
     device = next(model.parameters()).device
-    ids, attn, pos = left_pad(prompts, pad_id, device)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    out, attn, pos = prefill(model, prompts, pad_id, vision)
     cache = out.past_key_values
     cache.batch_repeat_interleave(group_size)  # (B, ...) -> (B*G, ...): prompt i's cache for its G samples
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (B*G, V)
     attn = attn.repeat_interleave(group_size, 0)
-    pos = pos[:, -1:].repeat_interleave(group_size, 0)
+    pos = pos[..., -1:].repeat_interleave(group_size, -2)  # (N, 1) or (3, N, 1): after the image, all text
     stop = torch.tensor(stop, device=device, dtype=torch.long)
     N = logits.shape[0]
     done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -226,26 +243,31 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     return Rollout(ids=torch.stack(toks, 1), mask=torch.stack(masks, 1).long(), logp=torch.stack(lps, 1))
 
 
-def completion_logp(model, prompts, ids, mask, pad_id, group_size=1):
+def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None):
     """Per-token log-probs (N, T) of completions `ids` (N, T) given their prompts (B lists; N = B * group_size,
     rows prompt-major as `sample_group` returns them), with gradients; padding positions get 0.
     Like the sampler, each prompt goes through the model once and its KV cache is repeated for the group, then all
     completions run on top of it: the same numbers as a forward pass over each full sequence, with the prompt part
     (the longer one here) computed B instead of N times. Gradients flow through the shared cache into the prompt's
     keys and values, so nothing is approximated."""
-    p_ids, p_attn, p_pos = left_pad(prompts, pad_id, ids.device)
     T, G = ids.shape[1], group_size
     ids_in = ids.masked_fill(mask == 0, pad_id)
+    p_in, p_attn, p_pos = prompt_inputs(model, prompts, pad_id, vision)
     attn = torch.cat([p_attn.repeat_interleave(G, 0), mask], 1)                  # (N, L + T)
+    pos = p_pos[..., -1:].repeat_interleave(G, -2) + 1 + torch.arange(T, device=ids.device)  # (N, T) or (3, N, T)
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         # checkpointed layers cannot keep a KV cache: run every full sequence instead (same numbers, more compute)
-        logits = model(input_ids=torch.cat([p_ids.repeat_interleave(G, 0), ids_in], 1), attention_mask=attn,
-                       position_ids=(attn.cumsum(-1) - 1).clamp(min=0), logits_to_keep=T + 1).logits[:, :-1]
+        if vision is None:
+            inputs = {"input_ids": torch.cat([p_in["input_ids"].repeat_interleave(G, 0), ids_in], 1)}
+        else:
+            rest = model.get_input_embeddings()(ids_in)
+            inputs = {"inputs_embeds": torch.cat([p_in["inputs_embeds"].repeat_interleave(G, 0), rest], 1)}
+        logits = model(**inputs, attention_mask=attn, position_ids=torch.cat([p_pos.repeat_interleave(G, -2), pos], -1),
+                       logits_to_keep=T + 1).logits[:, :-1]
     else:
-        out = model(input_ids=p_ids, attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+        out = model(**p_in, attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(G)
-        pos = p_pos[:, -1:].repeat_interleave(G, 0) + 1 + torch.arange(T, device=ids.device)  # (N, T)
         rest = model(input_ids=ids_in, attention_mask=attn, position_ids=pos, past_key_values=cache,
                      use_cache=True, logits_to_keep=T).logits[:, :-1]             # predicts tokens 1..T-1
         logits = torch.cat([out.logits[:, -1:].repeat_interleave(G, 0), rest], 1)  # (N, T, V)
@@ -259,16 +281,22 @@ def decode(tok, rollout):
 
 
 @torch.no_grad()
-def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=None, grammar=None):
+def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=None, grammar=None, images=None):
     """Greedy completions (text) for a list of requests, `batch` prompts decoded together. `descriptions`: the
-    perception text of each request's image, or None; `grammar`: a PlanGrammar, or None for free text."""
+    perception text of each request's image, or None; `grammar`: a PlanGrammar, or None for free text; `images`:
+    the PIL images of the requests, for a VLM planner (one with a processor)."""
     tok, texts = planner.tok, []
     descriptions = descriptions or [None] * len(instructions)
     planner.policy.eval()
     for i in range(0, len(instructions), batch):
-        prompts = [build_prompt(tok, x, d) for x, d in zip(instructions[i:i + batch], descriptions[i:i + batch])]
+        vision = None
+        if planner.processor is not None:
+            import vlm
+            prompts, vision = vlm.prompts(planner, instructions[i:i + batch], images[i:i + batch])
+        else:
+            prompts = [build_prompt(tok, x, d) for x, d in zip(instructions[i:i + batch], descriptions[i:i + batch])]
         r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok), tok.pad_token_id, temperature=0,
-                         grammar=grammar)
+                         grammar=grammar, vision=vision)
         texts += decode(tok, r)
     return texts
 
@@ -280,10 +308,12 @@ def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=N
 # an action no editor knows; a caller decides what a run with failed steps means).
 
 
-def run_steps(image, steps, work_size=512, find=None):
+def run_steps(image, steps, work_size=512, find=None, edit=None):
     """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step).
     `find(image, subject)` -> Region replaces the region agents' `regions.find` on the current image (the outcome
-    reward passes a cached one)."""
+    reward passes a cached one; gpu24 passes the grounding agent's). `edit(image, step, mask)` -> image replaces
+    the CPU editor for every step but geometry (crop, rotate, flip stay exact): a diffusers editor, which reads any
+    action text."""
     import time
 
     import agents
@@ -296,7 +326,7 @@ def run_steps(image, steps, work_size=512, find=None):
         trace.append(rec)
         action = normalize(step.action, "action")
         try:
-            if action not in editor.ACTIONS:
+            if edit is None and action not in editor.ACTIONS:
                 raise editor.EditError(f"the CPU editor has no action {step.action!r}")
             mask = None
             if action not in editor.GEOMETRY:
@@ -307,7 +337,10 @@ def run_steps(image, steps, work_size=512, find=None):
                 mask = regions.upscale(region.mask, image.shape)
             else:
                 rec.update(agent="none", region="the whole frame (geometry)", area=1.0)
-            image = editor.apply(image, action, step.goal, mask)
+            if edit is not None and action not in editor.GEOMETRY:
+                image = edit(image, step, mask)
+            else:
+                image = editor.apply(image, action, step.goal, mask)
         except Exception as e:  # a failing agent skips its step, loudly, and the run goes on
             rec["error"] = f"{type(e).__name__}: {e}"
         rec["seconds"] = round(time.time() - t0, 3)

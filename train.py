@@ -45,7 +45,11 @@ import torch
 
 @dataclass
 class Config:
-    preset: str = "auto"                 # cpu | tiny | gpu24 (see PRESETS); auto picks one for this machine
+    preset: str = "auto"                 # cpu | tiny | gpu24 | tiny_vl (see PRESETS); auto picks one for this machine
+    planner: str = ""                    # the VLM planner (gpu24, tiny_vl): a hub id or a local folder
+    max_pixels: int = 448 * 448          # VLM planner: each image is resized to at most this many pixels
+    image_size: int = 448                # VLM planner: built-in images are drawn at this many pixels a side
+    dry_run: bool = False                # print the memory plan of this config (memory.py) and stop
     seed: int = 0                        # one seed for data, sampling and init
     out_dir: str = "runs/default"        # run folder: config.json, metrics.jsonl, adapter/, state.pt
     resume: bool = False                 # continue from out_dir/state.pt
@@ -100,9 +104,16 @@ PRESETS = {
     "tiny": dict(lora_r=4, lora_alpha=8, train_n=40, sft_n=4, sft_steps=2, sft_batch=2, steps=4, batch_prompts=2,
                  group_size=4, max_new_tokens=12, eval_n=4, eval_batch=4, eval_every=2, save_every=2, lr=1e-2,
                  describe=False, constrain=False),
-    "gpu24": dict(lora_r=64, lora_alpha=128, max_new_tokens=128, batch_prompts=8, eval_batch=32,
-                  grad_checkpointing=True, constrain=False),  # diffusers editors read free text
+    # The paper's planner, which sees the image (so no perception text); diffusers editors read free text.
+    "gpu24": dict(planner="Qwen/Qwen2.5-VL-7B-Instruct", lora_r=64, lora_alpha=128, max_new_tokens=128,
+                  batch_prompts=8, micro_groups=2, eval_batch=32, grad_checkpointing=True, constrain=False,
+                  describe=False),
+    # gpu24's code path (Qwen2.5-VL class, images in the prompt) on a random tiny model, on any machine: tests.
+    "tiny_vl": dict(planner="", lora_r=4, lora_alpha=8, train_n=40, sft_n=4, sft_steps=2, sft_batch=2, steps=4,
+                    batch_prompts=2, group_size=4, max_new_tokens=12, eval_n=4, eval_batch=4, eval_every=2,
+                    save_every=2, lr=1e-2, describe=False, constrain=False, max_pixels=112 * 112, image_size=112),
 }
+VLM_PRESETS = ("gpu24", "tiny_vl")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,8 +158,7 @@ def detect_preset():
     gb = props.total_memory / 2**30
     if gb < 20:
         return "cpu", f"{props.name} has {gb:.0f} GB, gpu24 needs 20"
-    # The gpu24 planner (Qwen2.5-VL-7B) is not wired yet: run the cpu preset's model on this GPU until it is.
-    return "cpu", f"{props.name} has {gb:.0f} GB, but the gpu24 preset is not wired yet"
+    return "gpu24", f"{props.name} has {gb:.0f} GB"
 
 
 def parse_args(argv):
@@ -186,6 +196,10 @@ def parse_args(argv):
         if k in kv:
             print(f"override: {k} = {v!r}")
     cfg.preset = preset
+    if preset == "gpu24" and not cfg.dry_run and not torch.cuda.is_available():
+        raise SystemExit("error: the gpu24 preset needs a CUDA GPU with about 24 GB, and this machine has none. "
+                         "Use --preset=cpu (the default here), --preset=tiny_vl to run gpu24's code on a tiny "
+                         "random model, or --preset=gpu24 --dry_run=True to see its memory plan")
     return cfg
 
 
@@ -195,11 +209,41 @@ def evaluate(planner, samples, cfg):
     from reward import paper_rewards
     from rollout import greedy_plans, plan_grammar
     texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch,
-                         [s.get("description") for s in samples], plan_grammar(planner.tok) if cfg.constrain else None)
+                         [s.get("description") for s in samples], plan_grammar(planner.tok) if cfg.constrain else None,
+                         [sample_image(s, cfg.image_size) for s in samples] if planner.processor else None)
     rewards, info = paper_rewards(texts, samples)
     out = {k: round(v.mean().item(), 4) for k, v in info.items()}
     out["reward"] = round(rewards.mean().item(), 4)
     return out, texts
+
+
+def sample_image(s, size):
+    """A request's image (PIL, RGB): its file, or the built-in image drawn at `size` pixels a side."""
+    from data import builtin_image, load_image
+    return load_image(s["image_path"]) if "image_path" in s else builtin_image(s["image"], size)
+
+
+def make_prompts(planner, samples, cfg):
+    """The prompts of labelled requests: token ids, and for a VLM planner the Vision of their images (else None)."""
+    from rollout import build_prompt
+    if planner.processor is None:
+        return [build_prompt(planner.tok, s["instruction"], s.get("description")) for s in samples], None
+    import vlm
+    return vlm.prompts(planner, [s["instruction"] for s in samples], [sample_image(s, cfg.image_size) for s in samples])
+
+
+def load_policy(cfg, device, adapter=None):
+    """The planner of cfg's preset in NF4 + LoRA (a fresh adapter, or the saved one in `adapter`)."""
+    from agents import load_planner
+    lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, adapter=adapter,
+                device=device)
+    if cfg.preset not in VLM_PRESETS:
+        return load_planner(cfg.preset, lora_targets=cfg.lora_targets, **lora)
+    import vlm
+    from agents import cache_dir
+    name = cfg.planner or str(vlm.tiny_folder(cache_dir() / "tiny-qwen2.5-vl"))
+    return vlm.load(name, dtype=torch.bfloat16 if device == "cuda" else torch.float32, max_pixels=cfg.max_pixels,
+                    **lora)
 
 
 def describe_images(samples):
@@ -236,20 +280,20 @@ def load_requests(folder, split, n, seed):
 def sft(planner, samples, cfg):
     """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token)."""
     from reward import format_plan
-    from rollout import build_prompt, completion_logp
+    from rollout import completion_logp
     tok, policy = planner.tok, planner.policy
     end, rng = tok.convert_tokens_to_ids("<|im_end|>"), random.Random(cfg.seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.sft_lr)
     policy.train()
     for step in range(cfg.sft_steps):
         batch = rng.sample(samples, min(cfg.sft_batch, len(samples)))
-        prompts = [build_prompt(tok, s["instruction"], s.get("description")) for s in batch]
+        prompts, vision = make_prompts(planner, batch, cfg)
         targets = [tok(format_plan(s["action"], s["subject"], s["goal"]), add_special_tokens=False)["input_ids"]
                    + [end] for s in batch]
         T = max(len(t) for t in targets)
         ids = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in targets], device=policy.device)
         mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets], device=policy.device)
-        loss = -completion_logp(policy, prompts, ids, mask, tok.pad_token_id).sum() / mask.sum()
+        loss = -completion_logp(policy, prompts, ids, mask, tok.pad_token_id, vision=vision).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         opt.step()
@@ -315,26 +359,26 @@ def plot(out, history):
 def main(cfg):
     from tqdm import tqdm
 
-    from agents import load_planner
     from reward import Outcome, paper_rewards
-    from rollout import build_prompt, completion_logp, decode, plan_grammar, sample_group, stop_ids
+    from rollout import completion_logp, decode, plan_grammar, sample_group, stop_ids
 
     if cfg.reward not in ("paper", "outcome", "both"):
         raise SystemExit(f"error: reward={cfg.reward!r}; choose paper, outcome or both")
     if len(cfg.outcome_weights) != 3 or min(cfg.outcome_weights) < 0 or not 0 <= cfg.outcome_mix <= 1:
         raise SystemExit(f"error: outcome_weights={cfg.outcome_weights} wants 3 weights >= 0 (target, preserve, "
                          f"quality) and outcome_mix={cfg.outcome_mix} a number in [0, 1]")
+    if cfg.dry_run:
+        import memory
+        return memory.show(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}" + ("" if device == "cuda" else " (no CUDA GPU)"))
-    lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                lora_targets=cfg.lora_targets, device=device)
     test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)  # the same whatever the seed, so seeds compare
     if cfg.describe:
         describe_images(test)
     if cfg.eval_adapter:
         if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
             raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
-        scores, texts = evaluate(load_planner(cfg.preset, adapter=cfg.eval_adapter, **lora), test, cfg)
+        scores, texts = evaluate(load_policy(cfg, device, cfg.eval_adapter), test, cfg)
         print(f"{cfg.eval_adapter} on {len(test)} held-out requests: " +
               " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
         return scores
@@ -349,8 +393,11 @@ def main(cfg):
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**asdict(cfg), **run_info()}, indent=2))
     torch.manual_seed(cfg.seed)
-    t0 = time.time()
-    planner = load_planner(cfg.preset, **lora)
+    import memory
+    import bitsandbytes  # noqa: F401  imported before the meter starts: library code is not model memory
+    import peft  # noqa: F401
+    meter, t0 = memory.Meter(device), time.time()
+    planner = load_policy(cfg, device)
     policy, tok = planner.policy, planner.tok
     print(f"planner: {cfg.preset} in NF4 + LoRA r={cfg.lora_r}, loaded in {time.time() - t0:.1f}s")
     if cfg.grad_checkpointing:
@@ -371,7 +418,8 @@ def main(cfg):
 
     def heldout(phase, step):
         t = time.time()
-        scores, texts = evaluate(planner, test, cfg)
+        with meter.phase("eval"):
+            scores, texts = evaluate(planner, test, cfg)
         print(f"{phase} (step {step}, {len(test)} held-out, {time.time() - t:.0f}s): " +
               " ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f"\n  e.g. {texts[0]!r}")
         log({"phase": phase, "step": step, **scores})
@@ -407,16 +455,19 @@ def main(cfg):
     stop, pad, bad = stop_ids(tok), tok.pad_token_id, 0
     grammar = plan_grammar(tok) if cfg.constrain else None
     outcome = Outcome(cfg.outcome_size, cfg.outcome_weights) if cfg.reward != "paper" else None
-    B, G = cfg.batch_prompts, cfg.group_size
+    B, G, longest = cfg.batch_prompts, cfg.group_size, 0
     for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
         t = time.time()
         # sample: B prompts, G completions each; prompts and tokens are fixed by (seed, step), so runs replay
         batch = grpo_batch(train, cfg.seed, step, B)
-        prompts = [build_prompt(tok, s["instruction"], s.get("description")) for s in batch]
         policy.eval()
+        with meter.phase("vision" if planner.processor else "prompts"):
+            prompts, vision = make_prompts(planner, batch, cfg)
+        longest = max(longest, *map(len, prompts))
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen,
-                            grammar=grammar)
+        with meter.phase("sample"):
+            roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen,
+                                grammar=grammar, vision=vision)
         t_sample = time.time() - t
         # score all B*G completions in one call; advantages within each group
         texts, golds = decode(tok, roll), [s for s in batch for _ in range(G)]
@@ -436,14 +487,16 @@ def main(cfg):
         keep = [b for b in range(B) if grouped[b].std() > 0]                          # groups with signal
         # update: micro-batches of groups, gradients accumulated over the kept groups
         policy.train()
+        meter.begin("update")
         loss_sum, kl_sum = 0.0, 0.0
         for i in range(0, len(keep), cfg.micro_groups):
             gs = keep[i:i + cfg.micro_groups]
             rows = torch.tensor([b * G + g for b in gs for g in range(G)])
             ids, mask = roll.ids[rows], roll.mask[rows]
+            sub, vis = [prompts[b] for b in gs], vision and vision.subset(gs)
             with torch.no_grad(), policy.disable_adapter():
-                ref_logp = completion_logp(policy, [prompts[b] for b in gs], ids, mask, pad, G)
-            logp = completion_logp(policy, [prompts[b] for b in gs], ids, mask, pad, G)
+                ref_logp = completion_logp(policy, sub, ids, mask, pad, G, vis)
+            logp = completion_logp(policy, sub, ids, mask, pad, G, vis)
             loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv[gs].reshape(-1), mask, cfg.clip, cfg.beta)
             (loss * len(gs) / len(keep)).backward()
             loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
@@ -460,6 +513,7 @@ def main(cfg):
         if keep:
             opt.step()
         opt.zero_grad(set_to_none=True)
+        meter.end()
         sched.step()
         n = max(len(keep), 1)
         row = {"phase": "grpo", "step": step + 1, "reward": round(rewards.mean().item(), 4),
@@ -467,7 +521,7 @@ def main(cfg):
                "loss": round(loss_sum / n, 5), "kl": round(kl_sum / n, 5), "grad_norm": round(norm, 4),
                "kept_groups": len(keep), "dropped_groups": B - len(keep), "lr": sched.get_last_lr()[0],
                "tokens": int(roll.mask.sum()), **extra, "sample_seconds": round(t_sample, 2),
-               "seconds": round(time.time() - t, 2)}
+               "peak_gb": round(max(meter.peaks.values()) / 2**30, 3), "seconds": round(time.time() - t, 2)}
         log(row)
         tqdm.write(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} fmt {row['format']:.2f} "
                    f"f1 {row['f1']:.3f} | groups {len(keep)}/{B} | loss {row['loss']:+.4f} kl {row['kl']:.4f} "
@@ -479,6 +533,7 @@ def main(cfg):
             save_checkpoint(out, policy, opt, sched, step + 1)
             plot(out, history)
 
+    memory.report(meter, cfg, planner, out, longest)
     table = {}
     for h in history:
         if h["phase"].startswith("eval"):

@@ -90,7 +90,7 @@ def test_first_load_converts(tmp_path, monkeypatch):
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'big'"):
+    with pytest.raises(ValueError, match="no Llama planner for preset 'big'"):
         load_planner("big")
 
 

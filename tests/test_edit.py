@@ -22,8 +22,8 @@ def planner_says(monkeypatch):
     asked = []
 
     def say(text):
-        monkeypatch.setattr(edit, "load_planner", lambda preset, adapter, n, model=False, constrain=False:
-                            asked.append(constrain) or (None, lambda x, d: text))
+        monkeypatch.setattr(edit, "load_planner", lambda preset, adapter, n, model=False, constrain=False, name=None:
+                            asked.append(constrain) or (None, lambda x, d, image: text))
     say.asked = asked
     return say
 

@@ -1,0 +1,277 @@
+"""
+The memory plan: what each part of the RL loop (and of edit.py) holds in memory, computed from model configs before
+any weight is loaded, which parts are resident in each phase, and a meter that measures the same phases in a run.
+
+    python train.py --preset=gpu24 --dry_run=True        # the plan for one 24 GB GPU; needs no GPU and no weights
+    python train.py --preset=gpu24 --dry_run=True --group_size=16 --max_pixels=200704   # what a change costs
+    est = memory.estimate(cfg, model_config, prompt_len, device="cuda")   # {"parts": {...}, "phases": {...}}
+    meter = memory.Meter("cuda"); with meter.phase("update"): ...          # measured peaks, the same phases
+
+How each part is computed (b = bytes per element of the compute dtype: 2 for bf16 on a GPU, 4 for fp32 on a CPU;
+N = tokens of a pass; S = tokens of one sequence, prompt + max_new_tokens; H, I, V = hidden, MLP and vocab sizes):
+  weights    the model built on the meta device from its config (configs/*.json, or the local folder's
+             config.json): the language model's Linear layers in NF4 = 0.5 byte per weight + 1 byte per block of 64
+             (8-bit absmax) + 4 bytes per 64 * 256 (the absmax's own scale); embeddings, lm_head, norms, biases and
+             the vision tower at b.
+  lora       r * (in + out) per adapted layer, fp32 (peft keeps adapters in fp32 on a bf16 base); its gradient
+             (fp32) during the update; optimizer state 8 bytes per weight (AdamW, CPU) or 2 (paged 8-bit AdamW).
+  kv cache   B*G sequences x S x layers x 2 (keys, values) x kv_heads x head_dim x b, during sampling.
+  forward    the largest transient of one decoder layer over N tokens: residual, norm, q/k/v/o and the attention
+             output (7H), MLP gate, up, their product and the activation (4I), at b; the 4-bit weight of the largest
+             layer dequantized to b for the matmul; on a CPU, attention scores and their softmax (2 x heads x S^2
+             per sequence, fp32: PyTorch's CPU attention materialises them; on a GPU SDPA's kernels do not).
+  update     one micro-batch of micro_groups*G sequences. With gradient checkpointing: each layer's input (N H b
+             per layer) kept, plus one layer recomputed with its autograd buffers (the forward transient again, as
+             saved tensors, and their gradients: x2); without it, every layer's buffers (x layers). Plus the
+             completion logits: N' = micro-batch x (max_new_tokens + 1) rows of V, at b, in fp32 for log_softmax,
+             the log-softmax and its gradient (b + 12 bytes per element).
+  vision     the frozen vision tower's forward over one prompt batch (no grad; freed before decoding).
+
+What is left out: the CUDA context and kernels (about 0.5 GB, in `nvidia-smi`, not in torch's counters), allocator
+fragmentation (reserved - allocated), and small buffers (rope tables, masks). Measured peaks are compared with the
+estimate in tests/test_memory.py (CPU, a small random Qwen2.5-VL) and by gpu_check.py (the real 7B architecture).
+"""
+import json
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+CONFIGS = Path(__file__).parent / "configs"
+GB = 2**30
+QWEN_7B = "Qwen/Qwen2.5-VL-7B-Instruct"
+CONFIG_FILES = {QWEN_7B: "qwen2.5-vl-7b-instruct.json",
+                "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b-instruct.json"}
+
+
+def planner_config(name):
+    """The config dict of a planner: a local folder's config.json, else the copy in configs/ of a known hub id."""
+    p = Path(name) / "config.json"
+    if p.exists():
+        return json.loads(p.read_text())
+    if name in CONFIG_FILES:
+        return json.loads((CONFIGS / CONFIG_FILES[name]).read_text())
+    raise ValueError(f"no config for {name!r}: pass a local folder, or one of {', '.join(CONFIG_FILES)}")
+
+
+def _meta_vlm(config):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
+
+
+def nf4_bytes(n):
+    return n / 2 + n / 64 + 4 * n / (64 * 256)
+
+
+def weights(model, b, skip=("visual", "lm_head")):
+    """(bytes of a model whose Linear layers outside `skip` are NF4 and the rest at b, largest 4-bit layer size)."""
+    total, q4, largest = 0, set(), 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip):
+            q4.add(f"{name}.weight")
+            total += nf4_bytes(m.weight.numel())
+            largest = max(largest, m.weight.numel())
+    total += sum(p.numel() * b for n, p in model.named_parameters() if n not in q4)
+    return total, largest
+
+
+def estimate(cfg, config, prompt_len, device="cuda"):
+    """The memory plan of a train.py Config for a Qwen2.5-VL planner of `config` (a dict) and prompts of
+    `prompt_len` tokens (image tokens included). Returns {"parts": {name: bytes}, "phases": {phase: {name: bytes}},
+    "peak": (phase, bytes)}; a phase's parts are resident together at its peak."""
+    model = _meta_vlm(config)
+    t, vis = model.config.text_config, model.config.vision_config
+    H, I, V, L = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers
+    kv_tok = L * 2 * t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
+    b = 2 if device == "cuda" else 4
+    w, largest = weights(model, b)
+    from vlm import LORA_TARGETS
+    targets = re.compile(LORA_TARGETS)
+    n_lora = sum(cfg.lora_r * (m.in_features + m.out_features) for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and targets.fullmatch(n))
+    B, G, T, E = cfg.batch_prompts, cfg.group_size, cfg.max_new_tokens, cfg.eval_batch
+    P, S = prompt_len, prompt_len + T
+    M = min(cfg.micro_groups, B) * G                      # sequences per backward pass
+    # One decoder layer without grad over n tokens: residual, norm, attention projections (4H), MLP gate, up and
+    # their product (3I), plus the largest 4-bit weight dequantized for its matmul.
+    layer = lambda n: n * (4 * H + 3 * I) * b + largest * b  # noqa: E731
+    # With grad (the layer recomputed in the backward of gradient checkpointing): the tensors autograd saves and
+    # their gradients, measured on the CPU as 7H + 6I per token; on a GPU RMSNorm also keeps fp32 copies (2 x 4H).
+    layer_grad = lambda n: n * ((7 * H + 6 * I) * b + (8 * H if b == 2 else 0))  # noqa: E731
+    # Completion logits, per element: fp32 logits (a copy if b is not fp32), their log-softmax, its gradient.
+    logit = 12 + (b if b != 4 else 0)
+    parts = {
+        "planner weights": w,
+        "LoRA weights + optimizer state": (4 + (2 if device == "cuda" else 8)) * n_lora,
+        "LoRA gradients": 4 * n_lora,
+        f"prompt KV cache ({B} prompts)": B * P * kv_tok * b,
+        f"group KV cache ({B}x{G} x {S} tokens)": B * G * S * kv_tok * b,
+        f"prefill ({B} x {P} tokens)": layer(B * P),
+        f"vision tower ({B} images)": B * (cfg.max_pixels // vis.patch_size ** 2) * (4 * vis.hidden_size + 3 *
+                                                                                   vis.intermediate_size) * b,
+        f"checkpointed layer inputs ({M} x {S} tokens)": M * S * H * b * L if cfg.grad_checkpointing else 0,
+        "backward of one layer" if cfg.grad_checkpointing else "activations of every layer":
+            layer_grad(M * S) * (1 if cfg.grad_checkpointing else L),
+        f"completion logits ({M} x {T + 1} x {V})": M * (T + 1) * V * logit,
+        f"evaluation KV cache + prefill ({E} prompts)": E * S * kv_tok * b + layer(E * P),
+    }
+    n = list(parts)
+    base = n[:2]  # weights, LoRA and optimizer state stay for the whole run
+    # each phase: its largest moment. Sampling: the prefill, the group's cache copied from the prompts' (both
+    # resident for a moment), decoding; the update: logits or a layer's backward on top of the kept layer inputs.
+    moments = {"vision": [[n[6]]], "sample": [[n[3], n[5]], [n[3], n[4]]], "eval": [[n[10]]],
+               "update": [[n[2], n[7], n[8]], [n[2], n[7], n[9]]]}
+    phases, used = {}, {x: [ph for ph, opts in moments.items() if any(x in o for o in opts)] or ["all"]
+                         for x in parts}
+    for ph, options in moments.items():
+        top = max(options, key=lambda names: sum(parts[x] for x in names))
+        phases[ph] = {x: parts[x] for x in base + top}
+    peak = max(((p, sum(v.values())) for p, v in phases.items()), key=lambda x: x[1])
+    return {"parts": parts, "phases": phases, "peak": peak, "used": used}
+
+
+def prompt_tokens(cfg, tokenizer=None):
+    """Tokens of a planner prompt: the system text and a request (chars / 4 without a tokenizer, about Qwen's rate
+    on English) plus the image's tokens after the 2x2 merge (max_pixels / 28^2) and the chat markers."""
+    import rollout
+    text = rollout.SYSTEM + " Request: make her coat scarlet, her hair copper, and blur the background"
+    n = len(tokenizer(text)["input_ids"]) if tokenizer is not None else len(text) // 4
+    return n + cfg.max_pixels // 28 ** 2 + 16
+
+
+def editor_parts():
+    """Bytes of the gpu24 editing and region agents on a GPU (bf16; FLUX's transformer and T5 in NF4), from configs."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel.from_config(json.loads((CONFIGS / "flux.1-kontext-dev-transformer.json")
+                                                             .read_text()))
+        t5 = T5EncoderModel(T5Config.from_dict(json.loads((CONFIGS / "t5-v1_1-xxl-encoder.json").read_text())))
+    fw, t5w = weights(flux, 2, skip=())[0], weights(t5, 2, skip=("shared",))[0]
+    # Small parts, published sizes: CLIP-L text encoder 123M and FLUX's VAE 84M parameters (bf16); OWLv2-base 155M and
+    # SAM-ViT-base 94M (region agents); activations of a 1024 px edit: about 2 GB at 28 steps.
+    return {"FLUX.1-Kontext transformer (NF4)": fw, "T5-XXL text encoder (NF4)": t5w,
+            "CLIP-L text encoder + VAE (bf16)": (123e6 + 84e6) * 2, "OWLv2 + SAM region agents (bf16)": 249e6 * 2,
+            "editing activations (1024 px)": 2 * GB}
+
+
+def show(cfg):
+    """Print the memory plan of cfg (train.py --dry_run=True) and return the estimate."""
+    name = cfg.planner or QWEN_7B
+    device = "cuda" if cfg.preset == "gpu24" else "cpu"
+    tok = None
+    if Path(name).is_dir():
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+    est = estimate(cfg, planner_config(name), prompt_tokens(cfg, tok), device)
+    print(f"memory plan: {name}, preset {cfg.preset} ({device}), B={cfg.batch_prompts} G={cfg.group_size} "
+          f"max_new_tokens={cfg.max_new_tokens} max_pixels={cfg.max_pixels} lora_r={cfg.lora_r} "
+          f"micro_groups={cfg.micro_groups} grad_checkpointing={cfg.grad_checkpointing}")
+    print("  part                                              GB  phases (* resident at the phase's peak)")
+    for part, v in est["parts"].items():
+        where = [p + ("*" if p == "all" or part in est["phases"][p] else "") for p in est["used"][part]]
+        print(f"  {part:<46} {v / GB:7.2f}  {', '.join(where)}")
+    for p, parts in est["phases"].items():
+        print(f"  phase {p:<7} {sum(parts.values()) / GB:6.2f} GB: {' + '.join(parts)}")
+    print(f"peak: {est['peak'][1] / GB:.2f} GB in the {est['peak'][0]} phase "
+          f"(+ about 0.5 GB CUDA context); the judge is the planner with its adapter off: no extra weights; the "
+          f"outcome reward edits with the CPU editor: no GPU memory")
+    if device == "cuda":
+        ed = editor_parts()
+        print("edit.py on gpu24: the planner is unloaded after sequencing, then region agents and editor load:")
+        for part, v in ed.items():
+            print(f"  {v / GB:7.2f} GB  {part}")
+        print(f"  edit phase {sum(ed.values()) / GB:.2f} GB; planning phase "
+              f"{est['parts']['planner weights'] / GB:.2f} GB")
+    return est
+
+
+def report(meter, cfg, planner, out, prompt_len=None):
+    """Print the measured peak of each phase next to the plan's, and write both to out/memory.json."""
+    measured = {p: v for p, v in meter.peaks.items()}
+    rows = {"device": meter.device, "measured": measured, "seconds": {p: round(v, 1) for p, v in meter.seconds.items()}}
+    if planner.processor is not None:  # the plan covers the VLM planner
+        config = {k: v for k, v in planner.model.config.to_dict().items() if k != "quantization_config"}
+        prompt_len = prompt_len or prompt_tokens(cfg, planner.tok)
+        est = estimate(cfg, config, prompt_len, meter.device)
+        rows.update(prompt_tokens=prompt_len, estimated={p: sum(v.values()) for p, v in est["phases"].items()})
+    print("memory, peak per phase" + (" (measured / planned)" if "estimated" in rows else " (measured)") + ": "
+          + ", ".join(f"{p} {v / GB:.2f}" + (f" / {rows['estimated'][p] / GB:.2f}" if p in rows.get("estimated", {})
+                                            else "") + " GB" for p, v in measured.items()))
+    (Path(out) / "memory.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def live_tensor_bytes():
+    """Bytes of the CPU tensor storages alive now (each storage once: views and tied weights share one)."""
+    import gc
+    seen = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type == "cpu" and not o.is_meta:
+            s = o.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+class Meter:
+    """Measured peak memory per phase, in bytes. On a GPU: CUDA's allocator peak (torch.cuda.max_memory_allocated).
+    On a CPU there is no such counter, and the resident set misleads both ways (weights mapped from safetensors
+    files count as file pages; memory freed inside the allocator stays resident), so: the tensors alive when the
+    phase begins (a scan of live storages), plus the largest growth of glibc's bytes in use (mallinfo2, read every
+    half millisecond by a thread while the phase runs), less the tensors alive when the meter was made. Tensor
+    allocations are large and live for milliseconds or more, so the sampling sees them."""
+
+    def __init__(self, device):
+        self.device, self.peaks, self.seconds = device, {}, {}
+        if device != "cuda":
+            self.base = live_tensor_bytes()  # what the process held before the meter: not the run's
+            import ctypes
+
+            class Info(ctypes.Structure):
+                _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks "
+                                                          "uordblks fordblks keepcost".split()]
+            self._libc = ctypes.CDLL("libc.so.6")
+            self._libc.mallinfo2.restype = Info
+
+    def _heap(self):
+        m = self._libc.mallinfo2()
+        return m.uordblks + m.hblkhd  # in use: heap chunks and separately mapped large chunks
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self._top = max(self._top, self._heap())
+            time.sleep(0.0005)
+
+    def begin(self, name):
+        """Start measuring phase `name` (ends at `end()`); a phase measured several times keeps its largest peak."""
+        import threading
+        self.current, self.t = name, time.time()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        self._live, self._start = live_tensor_bytes(), self._heap()
+        self._top, self._stop = self._start, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def end(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = self._live - self.base + max(self._top, self._heap()) - self._start
+        name = self.current
+        self.peaks[name] = max(self.peaks.get(name, 0), peak)
+        self.seconds[name] = self.seconds.get(name, 0) + time.time() - self.t
+
+    @contextmanager
+    def phase(self, name):
+        self.begin(name)
+        yield
+        self.end()
