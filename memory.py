@@ -66,11 +66,12 @@ def nf4_bytes(n):
     return n / 2 + n / 64 + 4 * n / (64 * 256)
 
 
-def weights(model, b, skip=("visual", "lm_head")):
-    """(bytes of a model whose Linear layers outside `skip` are NF4 and the rest at b, largest 4-bit layer size)."""
+def weights(model, b, skip=("visual", "lm_head"), only=""):
+    """(bytes of a model whose Linear layers outside `skip` (and inside `only`, a name prefix) are NF4 and the rest
+    at b, the largest 4-bit layer's size)."""
     total, q4, largest = 0, set(), 0
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip):
+        if isinstance(m, torch.nn.Linear) and not any(s in name for s in skip) and name.startswith(only):
             q4.add(f"{name}.weight")
             total += nf4_bytes(m.weight.numel())
             largest = max(largest, m.weight.numel())
@@ -118,12 +119,17 @@ def estimate(cfg, config, prompt_len, device="cuda"):
         f"completion logits ({M} x {T + 1} x {V})": M * (T + 1) * V * logit,
         f"evaluation KV cache + prefill ({E} prompts)": E * S * kv_tok * b + layer(E * P),
     }
+    if cfg.reward == "judge":  # vlm.judge: 6 prompts at a time, each with the images before and after the edit
+        J = P + 2 * (cfg.outcome_size // 28) ** 2
+        parts["judge prefill (6 prompts, 2 images each)"] = 6 * J * kv_tok * b + layer(6 * J)
     n = list(parts)
     base = n[:2]  # weights, LoRA and optimizer state stay for the whole run
     # each phase: its largest moment. Sampling: the prefill, the group's cache copied from the prompts' (both
     # resident for a moment), decoding; the update: logits or a layer's backward on top of the kept layer inputs.
     moments = {"vision": [[n[6]]], "sample": [[n[3], n[5]], [n[3], n[4]]], "eval": [[n[10]]],
                "update": [[n[2], n[7], n[8]], [n[2], n[7], n[9]]]}
+    if len(n) > 11:
+        moments["judge"] = [[n[11]]]
     phases, used = {}, {x: [ph for ph, opts in moments.items() if any(x in o for o in opts)] or ["all"]
                          for x in parts}
     for ph, options in moments.items():
@@ -142,20 +148,39 @@ def prompt_tokens(cfg, tokenizer=None):
     return n + cfg.max_pixels // 28 ** 2 + 16
 
 
+def flux_plan(config, size=1024, text_tokens=512, b=2):
+    """Bytes of FLUX.1-Kontext's transformer editing one `size` px image, from its config: the blocks' Linear
+    layers in NF4, the rest at b; activations of one block over the target and reference latents (2 x (size/16)^2
+    tokens) and the text tokens: the residual stream, the normed input, q, k, v, attention output and the 4x MLP
+    before and after its activation (16 widths per token, no grad), plus the largest NF4 weight dequantized."""
+    from diffusers import FluxTransformer2DModel
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    w, largest = 0, 0
+    for prefix in ("transformer_blocks", "single_transformer_blocks"):
+        bw, bl = weights(getattr(model, prefix), b, skip=(), only="")
+        w, largest = w + bw, max(largest, bl)
+    w += sum(p.numel() * b for n, p in model.named_parameters() if not n.startswith(("transformer_blocks",
+                                                                                    "single_transformer_blocks")))
+    D = config["num_attention_heads"] * config["attention_head_dim"]
+    n = 2 * (size // 16) ** 2 + text_tokens
+    return {"weights (blocks in NF4)": w, f"activations ({n} tokens)": n * D * 16 * b + largest * b}
+
+
 def editor_parts():
     """Bytes of the gpu24 editing and region agents on a GPU (bf16; FLUX's transformer and T5 in NF4), from configs."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
     with torch.device("meta"):
-        flux = FluxTransformer2DModel.from_config(json.loads((CONFIGS / "flux.1-kontext-dev-transformer.json")
-                                                             .read_text()))
         t5 = T5EncoderModel(T5Config.from_dict(json.loads((CONFIGS / "t5-v1_1-xxl-encoder.json").read_text())))
-    fw, t5w = weights(flux, 2, skip=())[0], weights(t5, 2, skip=("shared",))[0]
-    # Small parts, published sizes: CLIP-L text encoder 123M and FLUX's VAE 84M parameters (bf16); OWLv2-base 155M and
-    # SAM-ViT-base 94M (region agents); activations of a 1024 px edit: about 2 GB at 28 steps.
-    return {"FLUX.1-Kontext transformer (NF4)": fw, "T5-XXL text encoder (NF4)": t5w,
-            "CLIP-L text encoder + VAE (bf16)": (123e6 + 84e6) * 2, "OWLv2 + SAM region agents (bf16)": 249e6 * 2,
-            "editing activations (1024 px)": 2 * GB}
+    flux = flux_plan(json.loads((CONFIGS / "flux.1-kontext-dev-transformer.json").read_text()))
+    # Small parts, published parameter counts (bf16): CLIP-L text encoder 123M and FLUX's VAE 84M; OWLv2-base 155M
+    # and SAM-ViT-base 94M (region agents). The VAE's decode of a 1024 px image is not computed here: diffusers
+    # decodes in tiles when asked (pipe.vae.enable_tiling()), else it adds a few GB for a moment.
+    return {"FLUX.1-Kontext transformer (NF4)": flux["weights (blocks in NF4)"],
+            "FLUX transformer activations (1024 px)": list(flux.values())[1],
+            "T5-XXL text encoder (NF4)": weights(t5, 2, skip=("shared",))[0],
+            "CLIP-L text encoder + VAE (bf16)": (123e6 + 84e6) * 2, "OWLv2 + SAM region agents (bf16)": 249e6 * 2}
 
 
 def show(cfg):

@@ -19,7 +19,9 @@ rewards plus per-part tensors for logging.
 
 The outcome reward (`Outcome`, below) closes the loop the paper leaves open: it runs each plan through the agents
 and scores the edited image against the target image, the pixels that should not change, and a no-reference quality
-score. train.py's `reward` chooses paper, outcome or both.
+score. `judge_rewards` scores the same edited images with the local VLM judge instead (vlm.judge: completion,
+quality, preservation, as the paper's GPT-4o judges do; gpu24 only). train.py's `reward` chooses paper, outcome,
+both or judge.
 """
 import re
 from collections import Counter
@@ -232,6 +234,15 @@ class Outcome:
                 frame, framed = frame + done[-1:], regions.downscale(image, self.size)
         return image, err
 
+    def source(self, s):
+        """A sample's image as the outcome reward edits it: RGB uint8, at most `size` pixels a side."""
+        import numpy as np
+
+        import regions
+        from data import builtin_image, load_image
+        return regions.downscale(np.asarray(load_image(s["image_path"]) if "image_path" in s
+                                            else builtin_image(s["image"], self.size)), self.size)
+
     def _image(self, s):
         """(source, target, gold mask) of a sample's image, computed once per image and gold plan; None when the
         agents cannot carry out the gold plan itself (there is no target to compare with)."""
@@ -240,12 +251,10 @@ class Outcome:
         import agents
         import editor
         import regions
-        from data import builtin_image, load_image
         key = self._request(s)
         if key in self.images:
             return self.images[key]
-        src = regions.downscale(np.asarray(load_image(s["image_path"]) if "image_path" in s
-                                           else builtin_image(s["image"], self.size)), self.size)
+        src = self.source(s)
         gold, _ = agents.sequence({f: list(s[f]) for f in FIELDS})
         if s.get("target_path"):
             tgt = np.asarray(load_image(s["target_path"]).resize((src.shape[1], src.shape[0])))
@@ -317,3 +326,36 @@ class Outcome:
         info = {k: torch.tensor([r.get(k, float("nan")) for r in rows])
                 for k in ("outcome", *names, "failed", "parsed", "scorable")}
         return info["outcome"].clone(), info
+
+
+def judge_rewards(planner, outcome, completions, samples):
+    """(rewards (N,), info) from the local judge (vlm.judge, the planner's base with its adapter off): each parsed
+    plan is run by the agents on the sample's image at outcome.size (cached like the outcome reward's runs), and
+    the judge scores completion, quality and preservation from 0 to 10; the reward is their mean / 10. A plan that
+    does not parse or whose run fails gets 0 and is counted. Needs a VLM planner (gpu24, tiny_vl). No gold labels
+    or targets are used: a dataset of bare requests can be trained on."""
+    import agents
+    import vlm
+    from PIL import Image
+    jobs, info = [], {k: torch.full((len(completions),), float("nan")) for k in vlm.QUESTIONS}
+    info.update(parsed=torch.zeros(len(completions)), failed=torch.zeros(len(completions)))
+    for i, (text, s) in enumerate(zip(completions, samples)):
+        p = parse(text)
+        info["parsed"][i] = float(p["ok"])
+        if not p["ok"]:
+            continue
+        steps, _ = agents.sequence(p)
+        src = outcome.source(s)
+        edited, err = outcome._execute(outcome._key(s), src, steps)
+        if err:
+            info["failed"][i] = 1.0
+            continue
+        jobs.append((i, s["instruction"], Image.fromarray(src), Image.fromarray(edited)))
+    rewards = torch.zeros(len(completions))
+    if jobs:
+        rows = torch.tensor([j[0] for j in jobs])
+        scores = vlm.judge(planner, [j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs])  # (n, 3)
+        rewards[rows] = scores.mean(1) / 10
+        for k, name in enumerate(vlm.QUESTIONS):
+            info[name][rows] = scores[:, k]
+    return rewards, info

@@ -87,7 +87,8 @@ class Config:
     grad_checkpointing: bool = False     # recompute activations in backward (saves memory on long sequences)
     max_bad_steps: int = 3               # stop after this many non-finite losses in a row
     # reward: "paper" (format + F1, never looks at the image), "outcome" (run the plan, score the edited image),
-    # "both" (outcome_mix * outcome + (1 - outcome_mix) * paper); see reward.py
+    # "both" (outcome_mix * outcome + (1 - outcome_mix) * paper), "judge" (run the plan, the VLM planner's base
+    # scores the edit 0-10: completion, quality, preservation; VLM presets only); see reward.py
     reward: str = "paper"
     outcome_weights: tuple = (0.6, 0.3, 0.1)  # target similarity, preservation outside gold regions, BRISQUE
     outcome_mix: float = 0.5             # weight of the outcome part when reward="both"
@@ -359,11 +360,14 @@ def plot(out, history):
 def main(cfg):
     from tqdm import tqdm
 
-    from reward import Outcome, paper_rewards
+    from reward import Outcome, judge_rewards, paper_rewards
     from rollout import completion_logp, decode, plan_grammar, sample_group, stop_ids
 
-    if cfg.reward not in ("paper", "outcome", "both"):
-        raise SystemExit(f"error: reward={cfg.reward!r}; choose paper, outcome or both")
+    if cfg.reward not in ("paper", "outcome", "both", "judge"):
+        raise SystemExit(f"error: reward={cfg.reward!r}; choose paper, outcome, both or judge")
+    if cfg.reward == "judge" and cfg.preset not in VLM_PRESETS:
+        raise SystemExit(f"error: reward=judge needs a VLM planner (preset gpu24 or tiny_vl), not {cfg.preset}: "
+                         "the judge is the planner's own base model, looking at the images")
     if len(cfg.outcome_weights) != 3 or min(cfg.outcome_weights) < 0 or not 0 <= cfg.outcome_mix <= 1:
         raise SystemExit(f"error: outcome_weights={cfg.outcome_weights} wants 3 weights >= 0 (target, preserve, "
                          f"quality) and outcome_mix={cfg.outcome_mix} a number in [0, 1]")
@@ -473,7 +477,15 @@ def main(cfg):
         texts, golds = decode(tok, roll), [s for s in batch for _ in range(G)]
         rewards, info = paper_rewards(texts, golds)
         extra = {}
-        if outcome is not None:  # failures give that sample 0 and are counted, they never stop the run
+        if cfg.reward == "judge":  # the base model, adapter off, scores each plan's edited image
+            t_out = time.time()
+            with meter.phase("judge"):
+                judged, j_info = judge_rewards(planner, outcome, texts, golds)
+            extra = {"paper_reward": round(rewards.mean().item(), 4),
+                     **{k: round(v.nanmean().item(), 4) for k, v in j_info.items() if not v.isnan().all()},
+                     "outcome_seconds": round(time.time() - t_out, 2)}
+            rewards = judged
+        elif outcome is not None:  # failures give that sample 0 and are counted, they never stop the run
             t_out, runs = time.time(), dict(outcome.counts)
             out_r, out_info = outcome(texts, golds)
             extra = {"paper_reward": round(rewards.mean().item(), 4),

@@ -101,3 +101,28 @@ def test_train_tiny_vl_saves_an_adapter_peft_loads(tmp_path, monkeypatch):
     model = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
     lora = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
     assert lora and all(".language_model." in k for k in lora) and any(v.abs().sum() > 0 for v in lora.values())
+
+
+def test_judge_reward_trains_the_vlm_planner(tmp_path, monkeypatch):
+    """--reward=judge: each sampled plan is run by the agents and the planner's base scores the edit; every
+    parsed plan gets the judge's mean score / 10, unparsed ones 0. Random weights write no tags, so the samples'
+    text is replaced by plans (half of them broken) as it leaves the decoder."""
+    import rollout
+    from train import main, parse_args
+    plans = ["<action>brighten</action><subject>whole image</subject><goal>slightly</goal>", "no tags here"]
+    monkeypatch.setattr(rollout, "decode", lambda tok, roll: [plans[i % 2] for i in range(len(roll.ids))])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    main(parse_args(["--preset=tiny_vl", f"--out_dir={tmp_path / 'run'}", "--steps=1", "--reward=judge",
+                     "--outcome_size=64", "--eval_every=5"]))
+    row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(x)["phase"] == "grpo"][0]
+    assert row["parsed"] == 0.5 and row["failed"] == 0
+    for k in ("completion", "quality", "preservation"):
+        assert 0 <= row[k] <= 10
+    assert row["reward"] == pytest.approx(0.5 * (row["completion"] + row["quality"] + row["preservation"]) / 30,
+                                          abs=1e-3)
+    assert row["kept_groups"] == 2  # parsed vs unparsed: every group has a signal
+    mem = json.loads((tmp_path / "run" / "memory.json").read_text())
+    assert "judge" in mem["measured"] and "judge" in mem["estimated"]
+    with pytest.raises(SystemExit, match="reward=judge needs a VLM planner"):
+        main(parse_args(["--preset=tiny", "--reward=judge", f"--out_dir={tmp_path / 'x'}"]))
