@@ -298,7 +298,8 @@ def _diffusion(name):  # gpu24 editors: InstructPix2Pix, SD inpainting, FLUX.1-K
 
 
 LOADERS = {"selfie": _selfie, "face": _face, "haar": _haar, "ocr": _ocr, "saliency": _saliency,
-           "retouch": _retouch, "grounding": _grounding, **{n: _diffusion(n) for n in ("pix2pix", "inpaint", "kontext")}}
+           "retouch": _retouch, "grounding": _grounding,
+           **{n: _diffusion(n) for n in ("pix2pix", "inpaint", "kontext")}}
 _loaded = {}  # name -> agent
 LOAD_SECONDS = {}  # name -> seconds its loader took, for traces and the README
 

@@ -4,6 +4,9 @@ Edit an image with a natural-language request, on a machine without a GPU.
     python edit.py photo.png "make her coat red and blur the background"
     python edit.py photo.png "it is far too dark" --adapter runs/default/adapter --out dark_fixed.png --compare
     python edit.py photo.png "crop it square" --preset tiny --force      # any preset; --force overwrites --out
+    python edit.py photo.png "make the car red" --preset gpu24          # a CUDA GPU: Qwen2.5-VL-7B sees the photo,
+                                        # OWLv2 + SAM find the car, FLUX.1-Kontext (NF4) edits it
+    python edit.py photo.png "..." --preset gpu24 --editor pix2pix --regions cpu   # any editor, any region agents
 
 What happens: the perception agents describe the image in a line of text (the cpu planner cannot see), the planner
 (the decomposition agent: base model + a trained LoRA adapter) writes <action><subject><goal>, the sequencing agent
@@ -20,6 +23,9 @@ goals the CPU editor has, so its plan always runs.
 
 The cpu and tiny planners run from their NF4 weights stored dequantized, with the adapter merged in: the 4-bit
 model's numbers, faster on a CPU, computed by `llama.py` without importing transformers or peft (see `load_planner`).
+
+On gpu24 the planner is dropped once the plan is ordered, before the region agent and editor load (the memory plan
+of memory.py: they are never resident together); crop, rotate and flip always go to the CPU editor (exact).
 
 Simplified: the sequencing agent's model answer is used for the gpu24 preset; the 135M cpu planner zero-shot only
 repeats the order it is given (see the README), so the cpu preset orders with rules unless `--sequencer=model`.

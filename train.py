@@ -6,6 +6,9 @@ Train the decomposition agent (the planner) with GRPO, on one machine.
     python train.py --seed=1 --out_dir=runs/seed1 --resume=True   # any Config field as --key=value
     python train.py --train_dir=my_data/train --eval_dir=my_data/test     # your own metadata.jsonl folders
     python train.py --eval_adapter=runs/default/adapter                  # only score a saved adapter
+    python train.py --preset=gpu24 --dry_run=True    # the memory plan of a config (memory.py); no GPU needed
+    python train.py --preset=gpu24                   # Qwen2.5-VL-7B (sees the image) on one 24 GB GPU (vlm.py)
+    python train.py --preset=tiny_vl --steps=2       # gpu24's code on a random tiny Qwen2.5-VL, on any machine
 
 One run: score the base model zero-shot on the held-out split, a short supervised cold start (`sft_steps`, on at
 most 10% of the train split, only so a small model learns the tag format), score again, then GRPO:
@@ -23,10 +26,14 @@ line edit.py gives it). The reference is the same 4-bit model with the LoRA adap
 disabled, so no second copy of the weights; note that this is the base model *before* the cold start, which does not
 write the tags at all, so the KL (about 1 nat per token from the first step) is a weak pull away from the format and
 `beta` is kept small. The cold start's adapter is the one GRPO goes on training.
+With a VLM planner (gpu24, tiny_vl) the prompt carries the image itself (vlm.prompts) instead of the perception
+text, and `--reward=judge` scores each plan's edited image with the planner's base model (reward.judge_rewards).
+Each phase's peak memory (vision or prompts, sample, update, eval, judge) is measured (memory.Meter) and written
+to memory.json, next to the plan's estimate for a VLM planner.
 
-Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, reward.png, adapter/ (peft),
-cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer, scheduler, step,
-RNG). Checkpoints are written atomically every `save_every` steps and at the end; `--resume=True` continues from
+Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, memory.json, reward.png,
+adapter/ (peft), cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer,
+scheduler, step, RNG). Checkpoints are written atomically every `save_every` steps and at the end; `--resume=True` continues from
 the last one.
 """
 import ast

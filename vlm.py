@@ -1,7 +1,7 @@
 """
 The gpu24 planner: Qwen2.5-VL, the paper's decomposition agent, which sees the image; and the local judge.
 
-    planner = vlm.load("Qwen/Qwen2.5-VL-7B-Instruct", device="cuda", dtype=torch.bfloat16)   # or "...-3B-...", or a folder
+    planner = vlm.load("Qwen/Qwen2.5-VL-7B-Instruct", device="cuda")   # or "...-3B-Instruct", or a folder
     prompts, vision = vlm.prompts(planner, ["blur the background"], [pil_image])
     roll = rollout.sample_group(planner.policy, prompts, 8, 128, stop, pad, vision=vision)   # the same sampler
     scores = vlm.judge(planner, requests, befores, afters)     # (N, 3): completion, quality, preservation, 0-10
@@ -83,7 +83,7 @@ def tiny_folder(folder, seed=0, hidden=64, layers=2, intermediate=None, vocab=No
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = ["<action>brighten; blur</action><subject>whole image; background</subject><goal>slightly; strongly</goal>",
+    corpus = ["<action>brighten; blur</action><subject>whole image; background</subject><goal>slightly</goal>",
               "make her coat scarlet and blur the background. Score 0 1 2 3 4 5 6 7 8 9 10", "system user assistant"]
     bpe.train_from_iterator(corpus * 4, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
                                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
@@ -91,9 +91,10 @@ def tiny_folder(folder, seed=0, hidden=64, layers=2, intermediate=None, vocab=No
                                   unk_token="<|endoftext|>")
     tok.chat_template = TEMPLATE
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
-    half = hidden // 4 // 2  # rotary frequencies per head, split 1/4 time, 3/8 height, 3/8 width as in the 7B's 16/24/24
-    text = dict(vocab_size=max(len(tok), vocab or 0), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.3,
+    half = hidden // 4 // 2  # rotary frequencies per head: 1/4 time, 3/8 height, 3/8 width, as the 7B's 16/24/24
+    text = dict(vocab_size=max(len(tok), vocab or 0), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                initializer_range=0.3,
                 rope_parameters=dict(rope_type="default", mrope_section=[half // 4, 3 * half // 8, 3 * half // 8],
                                      rope_theta=10000.0),
                 bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
