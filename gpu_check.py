@@ -10,7 +10,7 @@ preset runs them, with the measured peak memory printed next to the plan's estim
 planner: configs/qwen2.5-vl-7b-instruct.json with random weights, saved once as a bf16 folder (16 GB, in
 $GPU_CHECK_DIR or /tmp), then `python train.py --preset=gpu24` itself, loading that folder: NF4, LoRA r=64, B=8
 prompts x G=8 samples, 128 new tokens, 448x448 images, gradient checkpointing, 2 GRPO steps and one evaluation of 32
-prompts. Random weights write random text, so the reward is the text's length (every group then has a signal and
+prompts. Random weights write no tags, so the reward is a seeded random number (every group then has a signal and
 every step updates), and no completion stops early: the worst case of the KV cache. The tokenizer is the tiny
 byte-level one (vlm.tiny_folder): text prompts are longer than with Qwen's, and the plan is computed for the
 prompt length actually seen.
@@ -75,10 +75,11 @@ def check_planner(out, tiny):
     import train
     folder = planner_folder(os.environ.get("GPU_CHECK_DIR", "/tmp/gpu_check"), tiny)
 
-    def length_reward(texts, golds):  # random weights: reward the text's length so every group updates
-        r = torch.tensor([min(len(t), 400) / 400 for t in texts])
+    g = torch.Generator().manual_seed(0)
+
+    def random_reward(texts, golds):  # random weights write no tags (and most of their tokens decode to nothing)
+        r = torch.rand(len(texts), generator=g)  # a seeded random reward: every group has a signal, every step updates
         return r, {"format": r * 0, "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
-    reward.paper_rewards = length_reward
     run = Path(out) / "planner"
     if run.exists():
         import shutil
@@ -86,8 +87,12 @@ def check_planner(out, tiny):
     args = [f"--planner={folder}", f"--out_dir={run}", "--steps=2", "--sft_steps=0", "--eval_every=2"]
     args += ["--preset=tiny_vl", "--grad_checkpointing=True", "--eval_n=4"] if tiny else \
         ["--preset=gpu24", "--eval_n=32"]
-    t = time.time()
-    train.main(train.parse_args(args))
+    t, paper = time.time(), reward.paper_rewards
+    reward.paper_rewards = random_reward
+    try:
+        train.main(train.parse_args(args))
+    finally:
+        reward.paper_rewards = paper
     mem = json.loads((run / "memory.json").read_text())
     mem["seconds"] = round(time.time() - t)
     return mem

@@ -15,17 +15,20 @@ N = tokens of a pass; S = tokens of one sequence, prompt + max_new_tokens; H, I,
              the vision tower at b.
   lora       r * (in + out) per adapted layer, fp32 (peft keeps adapters in fp32 on a bf16 base); its gradient
              (fp32) during the update; optimizer state 8 bytes per weight (AdamW, CPU) or 2 (paged 8-bit AdamW).
-  kv cache   B*G sequences x S x layers x 2 (keys, values) x kv_heads x head_dim x b, during sampling.
-  forward    the largest transient of one decoder layer over N tokens: residual, norm, q/k/v/o and the attention
-             output (7H), MLP gate, up, their product and the activation (4I), at b; the 4-bit weight of the largest
-             layer dequantized to b for the matmul; on a CPU, attention scores and their softmax (2 x heads x S^2
-             per sequence, fp32: PyTorch's CPU attention materialises them; on a GPU SDPA's kernels do not).
-  update     one micro-batch of micro_groups*G sequences. With gradient checkpointing: each layer's input (N H b
-             per layer) kept, plus one layer recomputed with its autograd buffers (the forward transient again, as
-             saved tensors, and their gradients: x2); without it, every layer's buffers (x layers). Plus the
-             completion logits: N' = micro-batch x (max_new_tokens + 1) rows of V, at b, in fp32 for log_softmax,
-             the log-softmax and its gradient (b + 12 bytes per element).
+  kv cache   sequences x tokens x layers x 2 (keys, values) x kv_heads x head_dim x b: the B prompts' cache after
+             the prefill and the B*G copies it is repeated into, which grow to S tokens while decoding.
+  prefill    one decoder layer without grad over the B prompts: residual, norm and attention projections (4H),
+             MLP gate, up and product (3I) per token at b, plus the largest 4-bit weight dequantized for its matmul.
+  update     one micro-batch of micro_groups*G sequences. With gradient checkpointing, each layer's input (N H b per
+             layer) is kept, and on top of it either the backward of one recomputed layer (7H + 6I per token at b,
+             measured on the CPU; a GPU adds RMSNorm's fp32 copies, 8H bytes) or the completion logits
+             (micro-batch x (max_new_tokens + 1) x V elements: fp32 logits, their log-softmax and its gradient,
+             12 bytes, plus b for the bf16 logits on a GPU), whichever is larger: they are not alive together.
+             Without checkpointing, every layer's buffers.
   vision     the frozen vision tower's forward over one prompt batch (no grad; freed before decoding).
+  eval, judge  the KV cache and prefill of one evaluation batch, or of 6 judge prompts with two images each.
+Each phase's peak is its largest such moment (`moments` in `estimate`); the coefficients were fitted on the CPU by
+changing one size at a time (MLP width, layers, prompt length, vocabulary), see the README.
 
 What is left out: the CUDA context and kernels (about 0.5 GB, in `nvidia-smi`, not in torch's counters), allocator
 fragmentation (reserved - allocated), and small buffers (rope tables, masks). Measured peaks are compared with the
@@ -104,39 +107,37 @@ def estimate(cfg, config, prompt_len, device="cuda"):
     layer_grad = lambda n: n * ((7 * H + 6 * I) * b + (8 * H if b == 2 else 0))  # noqa: E731
     # Completion logits, per element: fp32 logits (a copy if b is not fp32), their log-softmax, its gradient.
     logit = 12 + (b if b != 4 else 0)
-    parts = {
-        "planner weights": w,
-        "LoRA weights + optimizer state": (4 + (2 if device == "cuda" else 8)) * n_lora,
-        "LoRA gradients": 4 * n_lora,
-        f"prompt KV cache ({B} prompts)": B * P * kv_tok * b,
-        f"group KV cache ({B}x{G} x {S} tokens)": B * G * S * kv_tok * b,
-        f"prefill ({B} x {P} tokens)": layer(B * P),
-        f"vision tower ({B} images)": B * (cfg.max_pixels // vis.patch_size ** 2) * (4 * vis.hidden_size + 3 *
-                                                                                   vis.intermediate_size) * b,
-        f"checkpointed layer inputs ({M} x {S} tokens)": M * S * H * b * L if cfg.grad_checkpointing else 0,
-        "backward of one layer" if cfg.grad_checkpointing else "activations of every layer":
-            layer_grad(M * S) * (1 if cfg.grad_checkpointing else L),
-        f"completion logits ({M} x {T + 1} x {V})": M * (T + 1) * V * logit,
-        f"evaluation KV cache + prefill ({E} prompts)": E * S * kv_tok * b + layer(E * P),
+    parts = {  # name: (bytes, what it is)
+        "weights": (w, "planner weights"),
+        "lora": ((4 + (2 if device == "cuda" else 8)) * n_lora, "LoRA weights + optimizer state"),
+        "lora_grad": (4 * n_lora, "LoRA gradients"),
+        "prompt_kv": (B * P * kv_tok * b, f"prompt KV cache ({B} prompts)"),
+        "group_kv": (B * G * S * kv_tok * b, f"group KV cache ({B}x{G} x {S} tokens)"),
+        "prefill": (layer(B * P), f"prefill ({B} x {P} tokens)"),
+        "vision": (B * (cfg.max_pixels // vis.patch_size ** 2) * (4 * vis.hidden_size + 3 * vis.intermediate_size)
+                   * b, f"vision tower ({B} images)"),
+        "kept": (M * S * H * b * L if cfg.grad_checkpointing else 0, f"checkpointed layer inputs ({M} x {S} tokens)"),
+        "backward": (layer_grad(M * S) * (1 if cfg.grad_checkpointing else L),
+                     "backward of one layer" if cfg.grad_checkpointing else "activations of every layer"),
+        "logits": (M * (T + 1) * V * logit, f"completion logits ({M} x {T + 1} x {V})"),
+        "eval": (E * S * kv_tok * b + layer(E * P), f"evaluation KV cache + prefill ({E} prompts)"),
     }
+    # Each phase's largest moment, as lists of the parts alive together on top of weights and LoRA state. Sampling:
+    # the prefill, or the group's cache being copied from the prompts'; the update: the logits or one layer's
+    # backward, on top of the kept layer inputs.
+    moments = {"vision": [["vision"]], "sample": [["prompt_kv", "prefill"], ["prompt_kv", "group_kv"]],
+               "eval": [["eval"]], "update": [["lora_grad", "kept", "backward"], ["lora_grad", "kept", "logits"]]}
     if cfg.reward == "judge":  # vlm.judge: 6 prompts at a time, each with the images before and after the edit
         J = P + 2 * (cfg.outcome_size // 28) ** 2
-        parts["judge prefill (6 prompts, 2 images each)"] = 6 * J * kv_tok * b + layer(6 * J)
-    n = list(parts)
-    base = n[:2]  # weights, LoRA and optimizer state stay for the whole run
-    # each phase: its largest moment. Sampling: the prefill, the group's cache copied from the prompts' (both
-    # resident for a moment), decoding; the update: logits or a layer's backward on top of the kept layer inputs.
-    moments = {"vision": [[n[6]]], "sample": [[n[3], n[5]], [n[3], n[4]]], "eval": [[n[10]]],
-               "update": [[n[2], n[7], n[8]], [n[2], n[7], n[9]]]}
-    if len(n) > 11:
-        moments["judge"] = [[n[11]]]
-    phases, used = {}, {x: [ph for ph, opts in moments.items() if any(x in o for o in opts)] or ["all"]
-                         for x in parts}
-    for ph, options in moments.items():
-        top = max(options, key=lambda names: sum(parts[x] for x in names))
-        phases[ph] = {x: parts[x] for x in base + top}
+        parts["judge"] = (6 * J * kv_tok * b + layer(6 * J), "judge prefill (6 prompts, 2 images each)")
+        moments["judge"] = [["judge"]]
+    labels = {k: label for k, (_, label) in parts.items()}
+    parts = {k: v for k, (v, _) in parts.items()}
+    phases = {ph: {x: parts[x] for x in ["weights", "lora"] + max(opts, key=lambda o: sum(parts[x] for x in o))}
+              for ph, opts in moments.items()}
+    used = {x: [ph for ph, opts in moments.items() if any(x in o for o in opts)] or ["all"] for x in parts}
     peak = max(((p, sum(v.values())) for p, v in phases.items()), key=lambda x: x[1])
-    return {"parts": parts, "phases": phases, "peak": peak, "used": used}
+    return {"parts": parts, "phases": phases, "peak": peak, "used": used, "labels": labels}
 
 
 def prompt_tokens(cfg, tokenizer=None):
@@ -198,9 +199,9 @@ def show(cfg):
     print("  part                                              GB  phases (* resident at the phase's peak)")
     for part, v in est["parts"].items():
         where = [p + ("*" if p == "all" or part in est["phases"][p] else "") for p in est["used"][part]]
-        print(f"  {part:<46} {v / GB:7.2f}  {', '.join(where)}")
+        print(f"  {est['labels'][part]:<46} {v / GB:7.2f}  {', '.join(where)}")
     for p, parts in est["phases"].items():
-        print(f"  phase {p:<7} {sum(parts.values()) / GB:6.2f} GB: {' + '.join(parts)}")
+        print(f"  phase {p:<7} {sum(parts.values()) / GB:6.2f} GB: {' + '.join(est['labels'][x] for x in parts)}")
     print(f"peak: {est['peak'][1] / GB:.2f} GB in the {est['peak'][0]} phase "
           f"(+ about 0.5 GB CUDA context); the judge is the planner with its adapter off: no extra weights; the "
           f"outcome reward edits with the CPU editor: no GPU memory")
@@ -210,7 +211,7 @@ def show(cfg):
         for part, v in ed.items():
             print(f"  {v / GB:7.2f} GB  {part}")
         print(f"  edit phase {sum(ed.values()) / GB:.2f} GB; planning phase "
-              f"{est['parts']['planner weights'] / GB:.2f} GB")
+              f"{est['parts']['weights'] / GB:.2f} GB")
     return est
 
 

@@ -25,6 +25,8 @@ def test_gpu_check_tiny_runs_both_parts(tmp_path, monkeypatch):
     assert quantized  # the blocks' Linear layers ran in NF4
     assert (tmp_path / "out" / "gpu_check.json").exists()
     assert (tmp_path / "out" / "planner" / "adapter" / "adapter_config.json").exists()
+    import reward
+    assert reward.paper_rewards.__name__ == "paper_rewards"  # the check's random reward is not left behind
 
 
 def test_gpu_check_without_a_gpu_says_so():
