@@ -175,13 +175,13 @@ def editor_parts():
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config.from_dict(json.loads((CONFIGS / "t5-v1_1-xxl-encoder.json").read_text())))
     flux = flux_plan(json.loads((CONFIGS / "flux.1-kontext-dev-transformer.json").read_text()))
-    # Small parts, published parameter counts (bf16): CLIP-L text encoder 123M and FLUX's VAE 84M; OWLv2-base 155M
+    # Small parts, published parameter counts (16-bit): CLIP-L text encoder 123M and FLUX's VAE 84M; OWLv2-base 155M
     # and SAM-ViT-base 94M (region agents). The VAE's decode of a 1024 px image is not computed here: diffusers
     # decodes in tiles when asked (pipe.vae.enable_tiling()), else it adds a few GB for a moment.
     return {"FLUX.1-Kontext transformer (NF4)": flux["weights (blocks in NF4)"],
             "FLUX transformer activations (1024 px)": list(flux.values())[1],
             "T5-XXL text encoder (NF4)": weights(t5, 2, skip=("shared",))[0],
-            "CLIP-L text encoder + VAE (bf16)": (123e6 + 84e6) * 2, "OWLv2 + SAM region agents (bf16)": 249e6 * 2}
+            "CLIP-L text encoder + VAE (bf16)": (123e6 + 84e6) * 2, "OWLv2 + SAM region agents (fp16)": 249e6 * 2}
 
 
 def show(cfg):

@@ -104,6 +104,7 @@ class Config:
     eval_n: int = 100                    # held-out requests scored per evaluation
     eval_batch: int = 25                 # prompts decoded together during evaluation
     eval_every: int = 25                 # GRPO steps between evaluations (and at the end)
+    eval_judge: bool = False             # also score the held-out plans' edits with the local judge (VLM presets)
     save_every: int = 10                 # GRPO steps between checkpoints (and at the end)
 
 
@@ -222,6 +223,11 @@ def evaluate(planner, samples, cfg):
     rewards, info = paper_rewards(texts, samples)
     out = {k: round(v.mean().item(), 4) for k, v in info.items()}
     out["reward"] = round(rewards.mean().item(), 4)
+    if cfg.eval_judge:  # the paper's three criteria, 0-10, from the local judge; NaN when no plan ran
+        from reward import Outcome, judge_rewards
+        _, judged = judge_rewards(planner, Outcome(cfg.outcome_size, quality=False), texts, samples)
+        out.update({f"judge_{k}": round(judged[k].nanmean().item(), 3)
+                    for k in ("completion", "quality", "preservation")})
     return out, texts
 
 
@@ -372,9 +378,9 @@ def main(cfg):
 
     if cfg.reward not in ("paper", "outcome", "both", "judge"):
         raise SystemExit(f"error: reward={cfg.reward!r}; choose paper, outcome, both or judge")
-    if cfg.reward == "judge" and cfg.preset not in VLM_PRESETS:
-        raise SystemExit(f"error: reward=judge needs a VLM planner (preset gpu24 or tiny_vl), not {cfg.preset}: "
-                         "the judge is the planner's own base model, looking at the images")
+    if (cfg.reward == "judge" or cfg.eval_judge) and cfg.preset not in VLM_PRESETS:
+        raise SystemExit(f"error: reward=judge and eval_judge need a VLM planner (preset gpu24 or tiny_vl), not "
+                         f"{cfg.preset}: the judge is the planner's own base model, looking at the images")
     if len(cfg.outcome_weights) != 3 or min(cfg.outcome_weights) < 0 or not 0 <= cfg.outcome_mix <= 1:
         raise SystemExit(f"error: outcome_weights={cfg.outcome_weights} wants 3 weights >= 0 (target, preserve, "
                          f"quality) and outcome_mix={cfg.outcome_mix} a number in [0, 1]")

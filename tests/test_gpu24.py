@@ -115,7 +115,7 @@ def test_judge_reward_trains_the_vlm_planner(tmp_path, monkeypatch):
     monkeypatch.setattr(rollout, "decode", lambda tok, roll: [plans[i % 2] for i in range(len(roll.ids))])
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     main(parse_args(["--preset=tiny_vl", f"--out_dir={tmp_path / 'run'}", "--steps=1", "--reward=judge",
-                     "--outcome_size=64", "--eval_every=5"]))
+                     "--outcome_size=64", "--eval_every=5", "--sft_steps=0", "--eval_judge=True"]))
     row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
            if json.loads(x)["phase"] == "grpo"][0]
     assert row["parsed"] == 0.5 and row["failed"] == 0
@@ -124,7 +124,10 @@ def test_judge_reward_trains_the_vlm_planner(tmp_path, monkeypatch):
     assert row["reward"] == pytest.approx(0.5 * (row["completion"] + row["quality"] + row["preservation"]) / 30,
                                           abs=1e-3)
     assert row["kept_groups"] == 2  # parsed vs unparsed: every group has a signal
+    final = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["phase"] == "eval" and all(0 <= final[f"judge_{k}"] <= 10 for k in ("completion", "quality",
+                                                                                      "preservation"))
     mem = json.loads((tmp_path / "run" / "memory.json").read_text())
     assert "judge" in mem["measured"] and "judge" in mem["estimated"]
-    with pytest.raises(SystemExit, match="reward=judge needs a VLM planner"):
+    with pytest.raises(SystemExit, match="reward=judge and eval_judge need a VLM planner"):
         main(parse_args(["--preset=tiny", "--reward=judge", f"--out_dir={tmp_path / 'x'}"]))
