@@ -117,8 +117,9 @@ def nf4_linears(module, dtype):
 
 
 @torch.no_grad()
-def check_flux(out, tiny, steps, size=1024, text_tokens=512):
-    """`steps` passes of the FLUX.1-Kontext transformer in NF4 over one Kontext edit; measured vs planned bytes."""
+def check_flux(out, tiny, steps, size=1024, text_tokens=512, sizes=None):
+    """`steps` passes of the FLUX.1-Kontext transformer in NF4 over one Kontext edit; measured vs planned bytes.
+    `sizes`: config fields to override (a smaller model of the same class)."""
     import memory
     from diffusers import FluxTransformer2DModel
     config = json.loads((Path(__file__).parent / "configs" / "flux.1-kontext-dev-transformer.json").read_text())
@@ -126,8 +127,14 @@ def check_flux(out, tiny, steps, size=1024, text_tokens=512):
         config.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                       joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6])
         size, text_tokens = 128, 16
+    config.update(sizes or {})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    import gc
+    gc.collect()  # the planner part's model is gone: its memory is not counted here
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    meter = memory.Meter(device)  # made before the weights, so they count (on a GPU, everything allocated does)
     t = time.time()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: a 12B model in fp32 first would need twice the memory
@@ -138,8 +145,6 @@ def check_flux(out, tiny, steps, size=1024, text_tokens=512):
         nf4_linears(blocks, dtype)
     model.eval()
     print(f"flux: random weights built and quantized in {time.time() - t:.0f}s")
-    meter = memory.Meter(device)
-    meter.base = 0  # count the weights too (on a GPU the allocator's peak always does)
     n = (size // 16) ** 2  # latent tokens of one image: 8x VAE, then 2x2 patches
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(1, 2 * n, config["in_channels"], device=device, dtype=dtype, generator=g)  # target + reference

@@ -34,3 +34,14 @@ def test_gpu_check_without_a_gpu_says_so():
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="needs a CUDA GPU.*--tiny"):
         gpu_check.main([])
+
+
+@pytest.mark.parametrize("heads,size", [(4, 512), (8, 768)])
+def test_flux_plan_within_20_percent_of_measured(tmp_path, heads, size):
+    """memory.flux_plan against one measured denoising pass of a FluxTransformer2DModel with NF4 blocks, on the CPU,
+    at sizes where activations are most of the peak."""
+    r = gpu_check.check_flux(tmp_path, False, 1, size=size, text_tokens=64,
+                             sizes=dict(num_layers=2, num_single_layers=4, attention_head_dim=64,
+                                        num_attention_heads=heads, joint_attention_dim=128, pooled_projection_dim=64,
+                                        axes_dims_rope=[16, 24, 24]))
+    assert abs(r["measured"]["edit"] / r["estimated"]["edit"] - 1) < 0.2, r
