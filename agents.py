@@ -29,9 +29,6 @@ from pathlib import Path
 import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QWEN_VL = "Qwen/Qwen2.5-VL-7B-Instruct"
-# What the gpu24 preset needs to know about its model (used from the GPU issue on).
-GPU24 = dict(name=QWEN_VL, max_pixels=448 * 448, skip_modules=["model.visual", "lm_head"])
 
 # The chat template of the tiny model: the same ChatML markers as SmolLM2 and Qwen, so prompts and stop tokens
 # take the same code path in tests as with the real models.

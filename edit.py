@@ -144,7 +144,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="cpu", choices=["cpu", "tiny", "gpu24", "tiny_vl"],
                     help="gpu24: Qwen2.5-VL-7B, grounding and diffusers editors on a 24 GB GPU; tiny_vl: its code "
                          "on a random tiny model")
-    ap.add_argument("--planner", help="the VLM planner's hub id or folder (gpu24 default: Qwen/Qwen2.5-VL-7B-Instruct)")
+    ap.add_argument("--planner", help="the VLM planner: a hub id or a folder (gpu24: Qwen/Qwen2.5-VL-7B-Instruct)")
     ap.add_argument("--editor", choices=["retouch", "kontext", "pix2pix", "inpaint"],
                     help="the editing agent (default: kontext on gpu24, else the CPU retouch editor)")
     ap.add_argument("--regions", choices=["cpu", "grounding"],

@@ -106,7 +106,7 @@ def nf4_linears(module, dtype):
         if isinstance(child, torch.nn.Linear):
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, child.bias is not None, compute_dtype=dtype,
                                   quant_type="nf4", device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             device = child.weight.device

@@ -42,11 +42,12 @@ from pathlib import Path
 
 import torch
 
+from vlm import LORA_TARGETS, MODELS
+
 CONFIGS = Path(__file__).parent / "configs"
 GB = 2**30
-QWEN_7B = "Qwen/Qwen2.5-VL-7B-Instruct"
-CONFIG_FILES = {QWEN_7B: "qwen2.5-vl-7b-instruct.json",
-                "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b-instruct.json"}
+QWEN_7B = MODELS["7b"]
+CONFIG_FILES = {QWEN_7B: "qwen2.5-vl-7b-instruct.json", MODELS["3b"]: "qwen2.5-vl-3b-instruct.json"}
 
 
 def planner_config(name):
@@ -92,7 +93,6 @@ def estimate(cfg, config, prompt_len, device="cuda"):
     kv_tok = L * 2 * t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
     b = 2 if device == "cuda" else 4
     w, largest = weights(model, b)
-    from vlm import LORA_TARGETS
     targets = re.compile(LORA_TARGETS)
     n_lora = sum(cfg.lora_r * (m.in_features + m.out_features) for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and targets.fullmatch(n))

@@ -185,7 +185,8 @@ def _encode(planner, texts, images):
     ids = [row[m.bool()].tolist() for row, m in zip(b["input_ids"], b["attention_mask"])]
     visual = planner.model.model.visual
     with torch.no_grad():
-        out = planner.model.model.get_image_features(b["pixel_values"].to(visual.device), b["image_grid_thw"])
+        out = planner.model.model.get_image_features(b["pixel_values"].to(visual.device),
+                                                     b["image_grid_thw"].to(visual.device))
     per_image = list(out.pooler_output)
     feats = [torch.cat(per_image[sum(map(len, images[:i])):sum(map(len, images[:i + 1]))]) for i in range(len(images))]
     grid = b["image_grid_thw"]
