@@ -90,21 +90,6 @@ def describe(step):
     return " ".join(f"{step.subject}, {step.action} {'' if step.goal == 'full' else step.goal}".split()), None
 
 
-def _check(image, mask):
-    """The image as a contiguous uint8 (H, W, 3) array and the mask as float32 (H, W) in [0, 1] (or None)."""
-    img = np.ascontiguousarray(image)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
-        raise EditError(f"image must be a uint8 (H, W, 3) RGB array, got {img.dtype} {img.shape}")
-    if mask is not None:
-        mask = np.asarray(mask, np.float32)
-        if mask.shape != img.shape[:2]:
-            raise EditError(f"mask has shape {mask.shape}, expected the image's (H, W) = {img.shape[:2]}")
-        if not (mask.min() >= -0.1 and mask.max() <= 1.1):  # also catches NaN
-            raise EditError(f"mask values must lie in [0, 1], got {mask.min()}..{mask.max()} (a 0/255 mask? / 255)")
-        mask = np.clip(mask, 0, 1)
-    return img, mask
-
-
 def _pil(x, hw, resample=Image.BICUBIC):
     """uint8 array -> PIL image of size (h, w); a mask in [0, 1] becomes an 'L' image."""
     im = Image.fromarray(x if x.dtype == np.uint8 else np.rint(x * 255).astype(np.uint8))
@@ -159,7 +144,7 @@ class DiffusionEditor:
 
     def __call__(self, image, step, mask=None, generator=None):
         """Edit `image` (uint8 (H, W, 3)) for one sub-request; returns a new uint8 array of the same shape."""
-        img, mask = _check(image, mask)
+        img, mask = editor.check(image, mask)
         mask = self._region(step, mask)  # checked before loading: a bad request fails fast
         hw = work_size(img.shape, self.size, self.multiple)
         pipe = self.load()

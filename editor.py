@@ -331,13 +331,9 @@ def _edit(img, action, goal, mask):
     raise AssertionError(action)  # every action is handled above or in apply()
 
 
-def apply(image, action, goal, mask=None):
-    """Apply one edit. image: uint8 (H, W, 3) RGB; action: one of ACTIONS; goal: free text (see the module
-    docstring); mask: (H, W) in [0, 1] (up to 0.1 beyond is clipped) or None for the whole image. Returns a new
-    uint8 (H', W', 3) array.
-    Raises EditError for an unknown action, an unreadable goal, a malformed image or mask, remove without a mask."""
-    if action not in ACTIONS:
-        raise EditError(f"unknown action {action!r}; the CPU editor does: {', '.join(ACTIONS)}")
+def check(image, mask):
+    """The image as a contiguous uint8 (H, W, 3) array and the mask as float32 (H, W) in [0, 1] (or None);
+    EditError for anything else. Shared by every editing agent."""
     img = np.ascontiguousarray(image)  # OpenCV wants contiguous memory (a flipped view is not)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
         raise EditError(f"image must be a uint8 (H, W, 3) RGB array, got {img.dtype} {img.shape}")
@@ -348,6 +344,17 @@ def apply(image, action, goal, mask=None):
         if not (mask.min() >= -0.1 and mask.max() <= 1.1):  # also catches NaN
             raise EditError(f"mask values must lie in [0, 1], got {mask.min()}..{mask.max()} (a 0/255 mask? / 255)")
         mask = np.clip(mask, 0, 1)  # a cubic resize overshoots a little; that is not worth an error
+    return img, mask
+
+
+def apply(image, action, goal, mask=None):
+    """Apply one edit. image: uint8 (H, W, 3) RGB; action: one of ACTIONS; goal: free text (see the module
+    docstring); mask: (H, W) in [0, 1] (up to 0.1 beyond is clipped) or None for the whole image. Returns a new
+    uint8 (H', W', 3) array.
+    Raises EditError for an unknown action, an unreadable goal, a malformed image or mask, remove without a mask."""
+    if action not in ACTIONS:
+        raise EditError(f"unknown action {action!r}; the CPU editor does: {', '.join(ACTIONS)}")
+    img, mask = check(image, mask)
     if action == "crop":
         return _crop(img, ratio(goal))
     if action == "rotate":
