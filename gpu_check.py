@@ -8,9 +8,9 @@ preset runs them, with the measured peak memory printed next to the plan's estim
     python gpu_check.py --tiny          # the same code on tiny configs, on the CPU (tests/test_gpu_check.py)
 
 planner: configs/qwen2.5-vl-7b-instruct.json with random weights, saved once as a bf16 folder (16 GB, in
-$GPU_CHECK_DIR or /tmp), then `python train.py --preset=gpu24` itself, loading that folder: NF4, LoRA r=64, B=8
-prompts x G=8 samples, 128 new tokens, 448x448 images, gradient checkpointing, 2 GRPO steps and one evaluation of 32
-prompts. Random weights write no tags, so the reward is a seeded random number (every group then has a signal and
+$GPU_CHECK_DIR or the temporary folder), then `python train.py --preset=gpu24` itself, loading that folder: NF4,
+LoRA r=64, B=8 prompts x G=8 samples, 128 new tokens, 448x448 images, gradient checkpointing, 2 GRPO steps, and an
+evaluation of 32 prompts before and after them. Random weights write no tags, so the reward is a seeded random number (every group then has a signal and
 every step updates), and no completion stops early: the worst case of the KV cache. The tokenizer is the tiny
 byte-level one (vlm.tiny_folder): text prompts are longer than with Qwen's, and the plan is computed for the
 prompt length actually seen.
@@ -73,7 +73,8 @@ def check_planner(out, tiny):
     """Two GRPO steps of train.py on the gpu24 preset; returns memory.json (measured and planned per phase)."""
     import reward
     import train
-    folder = planner_folder(os.environ.get("GPU_CHECK_DIR", "/tmp/gpu_check"), tiny)
+    import tempfile
+    folder = planner_folder(os.environ.get("GPU_CHECK_DIR") or Path(tempfile.gettempdir()) / "gpu_check", tiny)
 
     g = torch.Generator().manual_seed(0)
 
