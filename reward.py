@@ -251,6 +251,7 @@ class Outcome:
         import agents
         import editor
         import regions
+        from data import load_image
         key = self._request(s)
         if key in self.images:
             return self.images[key]

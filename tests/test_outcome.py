@@ -38,6 +38,27 @@ def test_gold_plan_scores_one_and_wrong_plans_less(scorer):
     assert r[0] == max(r) and r[0] > r[1] > r[2] and r[4] == 0.0 and info["parsed"].tolist() == [1, 1, 1, 1, 0]
 
 
+def test_a_dataset_target_file_is_the_target(tmp_path):
+    """A sample with target_path is scored against that file, not against its gold plan's result: the target
+    file here is the blurred image, so the gold plan (blur) reaches it and doing nothing does not."""
+    from PIL import Image
+    src, dst = tmp_path / "src.png", tmp_path / "tgt.png"
+    builtin_image("astronaut", 256).save(src)
+    blurred, _ = rollout.run_steps(np.asarray(builtin_image("astronaut", 256)),
+                                   [rollout_step("blur", "whole image", "strongly")])
+    Image.fromarray(blurred).save(dst)
+    sample = {"image_path": str(src), "target_path": str(dst), "instruction": "blur it", "action": ["sharpen"],
+              "subject": ["whole image"], "goal": ["slightly"]}  # labels that do not lead to the target
+    r, info = Outcome(quality=False)([plan(("blur", "whole image", "strongly")), plan(("sharpen", "whole image",
+                                                                                       "slightly"))], [sample] * 2)
+    assert info["target"][0] > 0.95 > info["target"][1] and r[0] > r[1]
+
+
+def rollout_step(action, subject, goal):
+    from agents import Step
+    return Step(action, subject, goal)
+
+
 def test_built_in_targets_are_the_gold_plans(scorer):
     """Every scorable test request: its gold plan reaches its target exactly, and changes nothing it should not."""
     samples = make_split("test", 30)
