@@ -177,6 +177,11 @@ def load_image(path):
     return to_rgb(open_image(path))[0]
 
 
+def sample_image(s, size):
+    """A request's image (PIL, RGB): its file (`image_path`), or its built-in image drawn at `size` pixels a side."""
+    return load_image(s["image_path"]) if "image_path" in s else builtin_image(s["image"], size)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Requests
 

@@ -10,8 +10,9 @@ preset runs them, with the measured peak memory printed next to the plan's estim
 planner: configs/qwen2.5-vl-7b-instruct.json with random weights, saved once as a bf16 folder (16 GB, in
 $GPU_CHECK_DIR or the temporary folder), then `python train.py --preset=gpu24` itself, loading that folder: NF4,
 LoRA r=64, B=8 prompts x G=8 samples, 128 new tokens, 448x448 images, gradient checkpointing, 2 GRPO steps, and an
-evaluation of 32 prompts before and after them. Random weights write no tags, so the reward is a seeded random number (every group then has a signal and
-every step updates), and no completion stops early: the worst case of the KV cache. The tokenizer is the tiny
+evaluation of 32 prompts before and after them. Random weights write no tags, so the reward is a seeded random
+number (every group then has a signal and every step updates), and no completion stops early: the worst case of
+the KV cache. The tokenizer is the tiny
 byte-level one (vlm.tiny_folder): text prompts are longer than with Qwen's, and the plan is computed for the
 prompt length actually seen.
 flux: configs/flux.1-kontext-dev-transformer.json, random bf16 weights, every Linear of the blocks in NF4 (the

@@ -239,9 +239,8 @@ class Outcome:
         import numpy as np
 
         import regions
-        from data import builtin_image, load_image
-        return regions.downscale(np.asarray(load_image(s["image_path"]) if "image_path" in s
-                                            else builtin_image(s["image"], self.size)), self.size)
+        from data import sample_image
+        return regions.downscale(np.asarray(sample_image(s, self.size)), self.size)
 
     def _image(self, s):
         """(source, target, gold mask) of a sample's image, computed once per image and gold plan; None when the

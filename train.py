@@ -33,8 +33,8 @@ to memory.json, next to the plan's estimate for a VLM planner.
 
 Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, memory.json, reward.png,
 adapter/ (peft), cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer,
-scheduler, step, RNG). Checkpoints are written atomically every `save_every` steps and at the end; `--resume=True` continues from
-the last one.
+scheduler, step, RNG). Checkpoints are written atomically every `save_every` steps and at the end;
+`--resume=True` continues from the last one.
 """
 import ast
 import json
@@ -215,6 +215,7 @@ def parse_args(argv):
 def evaluate(planner, samples, cfg):
     """Greedy plans for held-out samples, scored with the paper's reward. Returns mean format-valid rate, F1 per
     field, mean F1 and mean reward, plus the completions."""
+    from data import sample_image
     from reward import paper_rewards
     from rollout import greedy_plans, plan_grammar
     texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch,
@@ -231,19 +232,15 @@ def evaluate(planner, samples, cfg):
     return out, texts
 
 
-def sample_image(s, size):
-    """A request's image (PIL, RGB): its file, or the built-in image drawn at `size` pixels a side."""
-    from data import builtin_image, load_image
-    return load_image(s["image_path"]) if "image_path" in s else builtin_image(s["image"], size)
-
-
 def make_prompts(planner, samples, cfg):
     """The prompts of labelled requests: token ids, and for a VLM planner the Vision of their images (else None)."""
     from rollout import build_prompt
     if planner.processor is None:
         return [build_prompt(planner.tok, s["instruction"], s.get("description")) for s in samples], None
     import vlm
-    return vlm.prompts(planner, [s["instruction"] for s in samples], [sample_image(s, cfg.image_size) for s in samples])
+    from data import sample_image
+    return vlm.prompts(planner, [s["instruction"] for s in samples],
+                       [sample_image(s, cfg.image_size) for s in samples])
 
 
 def load_policy(cfg, device, adapter=None):
@@ -265,15 +262,14 @@ def describe_images(samples):
     Each distinct image is described once (built-in ones at 512 px, the size edit.py's agents work at)."""
     import numpy as np
 
-    from data import builtin_image, load_image
+    from data import sample_image
     from edit import WORK_SIZE
     from regions import describe, downscale
     seen = {}
     for s in samples:
         key = s.get("image_path") or s["image"]
         if key not in seen:
-            img = load_image(key) if "image_path" in s else builtin_image(key, WORK_SIZE)
-            seen[key] = describe(downscale(np.asarray(img), WORK_SIZE))
+            seen[key] = describe(downscale(np.asarray(sample_image(s, WORK_SIZE)), WORK_SIZE))
         s["description"] = seen[key]
     return samples
 

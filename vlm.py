@@ -9,8 +9,9 @@ The gpu24 planner: Qwen2.5-VL, the paper's decomposition agent, which sees the i
 
 Loading: the language model's layers in NF4 (bitsandbytes); the vision tower (0.68B parameters of the 7B's 8.3B,
 where 4-bit hurts most) and lm_head (the output layer, usually left out of 4-bit) in `dtype`; LoRA on the
-language model's attention projections only; the vision tower is frozen. The processor caps each image at `max_pixels` (448x448 by default: 256 image tokens after
-the 2x2 merge), which bounds the prompt and so the KV cache of a group.
+language model's attention projections only; the vision tower is frozen. The processor caps each image at
+`max_pixels` (448x448 by default: 256 image tokens after the 2x2 merge), which bounds the prompt and so the KV
+cache of a group.
 
 How the image reaches the shared sampler (`rollout.sample_group`, `completion_logp`): the vision tower runs once per
 image, under no_grad (it is frozen), and `Vision` keeps its features. A forward pass then gets `inputs_embeds`
