@@ -217,7 +217,7 @@ def show(cfg):
 
 def report(meter, cfg, planner, out, prompt_len=None):
     """Print the measured peak of each phase next to the plan's, and write both to out/memory.json."""
-    measured = {p: v for p, v in meter.peaks.items()}
+    measured = dict(meter.peaks)
     rows = {"device": meter.device, "measured": measured, "seconds": {p: round(v, 1) for p, v in meter.seconds.items()}}
     if planner.processor is not None:  # the plan covers the VLM planner
         config = {k: v for k, v in planner.model.config.to_dict().items() if k != "quantization_config"}

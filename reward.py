@@ -337,7 +337,7 @@ def judge_rewards(planner, outcome, completions, samples):
     import agents
     import vlm
     from PIL import Image
-    jobs, info = [], {k: torch.full((len(completions),), float("nan")) for k in vlm.QUESTIONS}
+    jobs, sources, info = [], {}, {k: torch.full((len(completions),), float("nan")) for k in vlm.QUESTIONS}
     info.update(parsed=torch.zeros(len(completions)), failed=torch.zeros(len(completions)))
     for i, (text, s) in enumerate(zip(completions, samples)):
         p = parse(text)
@@ -345,8 +345,11 @@ def judge_rewards(planner, outcome, completions, samples):
         if not p["ok"]:
             continue
         steps, _ = agents.sequence(p)
-        src = outcome.source(s)
-        edited, err = outcome._execute(outcome._key(s), src, steps)
+        key = outcome._key(s)
+        if key not in sources:  # once per image, not once per sample of its group
+            sources[key] = outcome.source(s)
+        src = sources[key]
+        edited, err = outcome._execute(key, src, steps)
         if err:
             info["failed"][i] = 1.0
             continue
