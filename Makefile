@@ -1,13 +1,14 @@
 # make train   install into .venv if needed, then train with the default preset
 # make test    install into .venv if needed, then run the fast tests offline
 # make bench   the sampler benchmark of the README
+# make gpu-check  on a CUDA GPU: every GPU check (gpu_check.py), one PASS/FAIL table; exits 1 on a failure
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install train test test-all bench clean
+.PHONY: install train test test-all bench gpu-check clean
 
 install: $(STAMP)
 
@@ -37,6 +38,10 @@ test-all: install
 
 bench: install
 	$(PY) bench.py $(ARGS)
+
+# ARGS: --dry lists the checks, --only=NAME,... runs some of them (see gpu_check.py's docstring)
+gpu-check: install
+	$(PY) gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -212,7 +212,8 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
                  dtype=torch.float32, dequantized=False):
     """Load the planner of a preset in NF4 and wrap it in LoRA (a fresh adapter, or a saved one from `adapter`).
     `folder` overrides where the weights come from (the tiny preset builds its model there). `dequantized=True`
-    (inference) loads the same NF4 numbers stored in full precision, see `dequantized_folder`. edit.py runs the
+    (inference, or training where bitsandbytes cannot run) loads the same NF4 numbers stored in full precision, see
+    `dequantized_folder`. edit.py runs the
     cpu and tiny planners without transformers: `llama.load(dequantized_folder(planner_folder(preset)), adapter)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -229,7 +230,7 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
         p.requires_grad_(False)
     from peft import LoraConfig, PeftModel, get_peft_model
     if adapter:
-        policy = PeftModel.from_pretrained(model, adapter, is_trainable=not dequantized)
+        policy = PeftModel.from_pretrained(model, adapter, is_trainable=True)  # train.py trains unquantized too
     else:
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=list(lora_targets), task_type="CAUSAL_LM")

@@ -144,7 +144,7 @@ def outcome(adapter=None, groups=10):
     from reward import Outcome, format_plan
     from rollout import decode, stop_ids
     from train import describe_images, load_requests
-    adapter = adapter or newest_adapter()
+    adapter = adapter or newest_adapter(preset="cpu")
     planner = load_planner("cpu", adapter=adapter, dequantized=True)
     tests = describe_images(load_requests("", "test", groups, seed=0))
     g = torch.Generator().manual_seed(0)

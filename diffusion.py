@@ -37,6 +37,11 @@ Simplified: the editors see one sub-request at a time, never the earlier ones; p
 editor's colour shifts near the mask edge are cut off rather than matched; the safety checker the SD models ship
 with is kept, and a blanked result is an error, not a black image.
 """
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import cv2
 import numpy as np
 import torch
@@ -134,6 +139,10 @@ class DiffusionEditor:
                 raise RuntimeError(f"{self.name}: loading {self.model} with {', '.join(self.nf4_parts)} in NF4 "
                                    f"failed: {e} On the CPU pass quantize=False.") from e
             raise
+        if self.quantize:  # bitsandbytes' in-place AVX512-BF16 repack on CPUs that have it breaks NF4 layers
+            import agents
+            for part in self.nf4_parts:
+                agents._no_avx512_repack(getattr(pipe, part))
         if self.offload:
             pipe.enable_model_cpu_offload(device=self.device)
         else:
@@ -245,3 +254,85 @@ def load_inpaint():
 
 def load_kontext():
     return load_editor("kontext")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny random pipelines of the editors' real classes, built offline (tests and gpu_check.py). The tokenizers are built
+# in process: one token per character (CLIP BPE without merges, a T5 unigram over single characters), which is all a
+# random text encoder needs.
+
+TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,:;'-!?#"
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in TINY_CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in TINY_CHARS] + [("\u2581" + c, -2.5) for c in TINY_CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def clip_text(seed):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
+                                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                                        vocab_size=2 + 2 * len(TINY_CHARS), projection_dim=32))
+
+
+def sd_parts(in_channels):
+    """InstructPix2Pix's UNet reads 8 channels (noisy latents + image latents), inpainting's 9 (+ mask)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16,
+                                in_channels=in_channels, out_channels=4, cross_attention_dim=32,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    vae = AutoencoderKL(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return dict(unet=unet, vae=vae, text_encoder=clip_text(1), tokenizer=clip_tokenizer(),
+                scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+
+
+def kontext_parts():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=1, norm_num_groups=1,
+                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    t5 = T5EncoderModel(T5Config(vocab_size=4 + 2 * len(TINY_CHARS), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                 num_heads=4))
+    return dict(transformer=transformer, vae=vae, text_encoder=clip_text(2), tokenizer=clip_tokenizer(),
+                text_encoder_2=t5, tokenizer_2=t5_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler(),
+                image_encoder=None, feature_extractor=None)
+
+
+def tiny_folder(folder, name):
+    """A tiny random pipeline of EDITORS[name]'s class saved to `folder` with save_pretrained (built once; a later
+    call returns the folder), so the editor loads it through the same from_pretrained path as a hub id."""
+    import diffusers
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    parts = {"pix2pix": lambda: sd_parts(8), "inpaint": lambda: sd_parts(9), "kontext": kontext_parts}[name]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.")  # renamed when complete: never half a folder
+    try:
+        with torch.random.fork_rng():  # the builders seed torch: the caller's random stream is left alone
+            getattr(diffusers, EDITORS[name].pipeline)(**parts()).save_pretrained(tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -17,9 +17,15 @@ applied to the full-resolution image.
 Writes: the edited image (`--out`, default `<image>_edited.png` beside the input), a JSON trace beside it
 (`<out>.json`: plan, order, every step's region, agent, time and error, the agents loaded), and with `--compare` a
 side-by-side picture (`<out>_compare.png`). Nothing is overwritten without `--force`, and never the input.
-With no `--adapter` the newest adapter under `runs/` is used if there is one, else the base planner. On the cpu
-preset the planner decodes under rollout.PlanGrammar (`--no-constrain` turns it off): it can only name actions and
-goals the CPU editor has, so its plan always runs.
+On the cpu preset the planner decodes under rollout.PlanGrammar (`--no-constrain` turns it off): it can only name
+actions and goals the CPU editor has, so its plan always runs.
+
+Adapter and preset: an adapter only goes with the planner it was trained on, whose preset is read from its run's
+config.json (train.py writes it), else from the base model in its adapter_config.json. With no `--adapter`, the
+newest adapter under `runs/` of the preset (`--preset`, default cpu) is used, else the base planner; adapters of
+other presets, or of one that cannot be told, are skipped and counted. `--adapter` alone sets the preset to the
+adapter's; with `--preset` too, the two must match (an error, before any model loads, if not). An adapter given by
+hand whose preset cannot be told is used with the preset asked for, with a warning.
 
 The cpu and tiny planners run from their NF4 weights stored dequantized, with the adapter merged in: the 4-bit
 model's numbers, faster on a CPU, computed by `llama.py` without importing transformers or peft (see `load_planner`).
@@ -41,10 +47,76 @@ from pathlib import Path
 WORK_SIZE = 512  # perception and region agents see at most this many pixels a side
 
 
-def newest_adapter(root="runs"):
-    """The adapter folder under root/*/adapter saved last, or None."""
+PRESETS = ("cpu", "tiny", "gpu24", "tiny_vl")
+# The last part of each preset's planner folder, as peft records it in adapter_config.json (base_model_name_or_path):
+# agents.smollm2_folder, agents.planner_folder("tiny"), the tiny_vl folder below and in train.py; llama.py's copy
+# adds "-nf4-dequantized". gpu24's planner is a hub id or folder of Qwen2.5-VL (vlm.MODELS), matched on the whole.
+BASE_FOLDERS = {"smollm2-135m-instruct": "cpu", "tiny-llama": "tiny", "tiny-qwen2.5-vl": "tiny_vl"}
+
+
+def _json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} is not valid JSON ({e}); fix or remove it")
+
+
+def adapter_preset(adapter):
+    """(preset, how it is known) of an adapter folder; preset None when unknown. The run's config.json one level up
+    says it (train.py writes the preset it ran); else the base model in adapter_config.json, which is a folder or a
+    hub id of one preset's planner. An adapter only merges into the planner it was trained on."""
+    run = Path(adapter).parent / "config.json"
+    preset = _json(run).get("preset") if run.exists() else None
+    if preset in PRESETS:
+        return preset, f"the adapter's run, {run}"
+    base = _json(Path(adapter) / "adapter_config.json").get("base_model_name_or_path") or ""
+    name = Path(base).name.lower().removesuffix("-nf4-dequantized")
+    preset = BASE_FOLDERS.get(name) or ("gpu24" if "qwen2.5-vl" in base.lower() else None)
+    if preset:
+        return preset, f"the adapter's base model {base}"
+    return None, (f"{run} has no preset" if run.exists() else f"no {run}") + f" and its base model {base!r} is " \
+        "not a preset's planner"
+
+
+def newest_adapter(root="runs", preset=None):
+    """The adapter folder under root/*/adapter saved last, or None; with `preset`, the newest of that preset."""
     found = [p.parent for p in Path(root).glob("*/adapter/adapter_config.json")]
+    if preset:
+        found = [p for p in found if adapter_preset(p)[0] == preset]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def choose_adapter(args, root="runs"):
+    """(adapter or None, preset): each taken from the other when not given, and never a pair that does not match.
+    Exits, before any model loads, on an adapter folder that is not one or that contradicts an explicit --preset."""
+    if args.adapter:
+        adapter = Path(args.adapter)
+        if not (adapter / "adapter_config.json").exists():
+            sys.exit(f"error: {adapter} is not an adapter folder (no adapter_config.json); train one with "
+                     "`make train`")
+        trained, how = adapter_preset(adapter)
+        if trained and args.preset is None:
+            print(f"preset: {trained} (from {how})")
+            return adapter, trained
+        preset = args.preset or "cpu"
+        if trained and trained != preset:
+            sys.exit(f"error: {adapter} was trained for the {trained} preset (from {how}), not for --preset "
+                     f"{preset}; drop --preset to use it with {trained}, or give a {preset} adapter")
+        if trained is None:  # given by hand: trust it; a wrong one fails loudly when merged (agents.merge_lora)
+            print(f"warning: cannot tell which preset {adapter} was trained for ({how}); using it with the "
+                  f"{preset} planner")
+        return adapter, preset
+    preset = args.preset or "cpu"
+    if args.base:
+        return None, preset
+    # An adapter of unknown preset is skipped here too: a guess is acceptable only when the user named the folder.
+    found = [adapter_preset(p.parent)[0] for p in Path(root).glob("*/adapter/adapter_config.json")]
+    others = [k or "of unknown preset" for k in found if k != preset]
+    if others:
+        counts = ", ".join(f"{others.count(k)} {k}" for k in sorted(set(others)))
+        print(f"skipped {len(others)} adapter(s) under {root}/ that are not for the {preset} preset: {counts} "
+              "(an adapter only fits its own preset's planner; name one with --adapter to use it)")
+    return newest_adapter(root, preset), preset
 
 
 def output_paths(args):
@@ -120,14 +192,12 @@ def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constra
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a command line prints its own lines, not a bar per weight file
     if preset in ("gpu24", "tiny_vl"):
-        import torch
-
+        import memory
         import vlm
-        cuda = torch.cuda.is_available()
+        device, dtype, _ = memory.pick_device()
         name = planner_name or (vlm.MODELS["7b"] if preset == "gpu24" else str(vlm.tiny_folder(
             agents.cache_dir() / "tiny-qwen2.5-vl")))
-        planner = vlm.load(name, adapter=adapter, device="cuda" if cuda else "cpu",
-                           dtype=torch.bfloat16 if cuda else torch.float32)
+        planner = vlm.load(name, adapter=adapter, device=device, dtype=dtype)
     else:
         planner = agents.load_planner(preset, adapter=adapter, dequantized=True)
     grammar = plan_grammar(planner.tok) if constrain else None
@@ -139,11 +209,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image")
     ap.add_argument("instruction")
-    ap.add_argument("--adapter", help="a LoRA adapter folder saved by train.py (default: the newest under runs/)")
+    ap.add_argument("--adapter", help="a LoRA adapter folder saved by train.py (default: the newest under runs/ "
+                    "of the preset)")
     ap.add_argument("--base", action="store_true", help="use the base planner even if runs/ has an adapter")
-    ap.add_argument("--preset", default="cpu", choices=["cpu", "tiny", "gpu24", "tiny_vl"],
-                    help="gpu24: Qwen2.5-VL-7B, grounding and diffusers editors on a 24 GB GPU; tiny_vl: its code "
-                         "on a random tiny model")
+    ap.add_argument("--preset", choices=PRESETS,
+                    help="default: the --adapter's, else cpu. gpu24: Qwen2.5-VL-7B, grounding and diffusers editors "
+                         "on a 24 GB GPU; tiny_vl: its code on a random tiny model")
     ap.add_argument("--planner", help="the VLM planner: a hub id or a folder (gpu24: Qwen/Qwen2.5-VL-7B-Instruct)")
     ap.add_argument("--editor", choices=["retouch", "kontext", "pix2pix", "inpaint"],
                     help="the editing agent (default: kontext on gpu24, else the CPU retouch editor)")
@@ -163,11 +234,15 @@ def main(argv=None):
     t_start = time.time()
 
     instruction = check_instruction(args.instruction)
-    if args.preset == "gpu24":
+    preset_given = args.preset is not None
+    adapter, args.preset = choose_adapter(args)
+    if args.preset == "gpu24":  # also when the preset came from the adapter
         import torch
         if not torch.cuda.is_available():
-            sys.exit("error: the gpu24 preset needs a CUDA GPU (about 24 GB) and this machine has none; use "
-                     "--preset=cpu (the default), or --preset=tiny_vl to run gpu24's code on a tiny random model")
+            sys.exit("error: the gpu24 preset needs a CUDA GPU (about 24 GB) and this machine has none; "
+                     + ("use --preset=cpu (the default), or --preset=tiny_vl to run gpu24's code on a tiny random "
+                        "model" if preset_given else f"{adapter} is a gpu24 adapter: leave out --adapter to use "
+                        "the newest cpu adapter under runs/"))
     vlm_preset = args.preset in ("gpu24", "tiny_vl")
     editor_name = args.editor or ("kontext" if args.preset == "gpu24" else "retouch")
     region_name = args.regions or ("grounding" if args.preset == "gpu24" else "cpu")
@@ -191,9 +266,6 @@ def main(argv=None):
     warnings.filterwarnings("ignore", category=FutureWarning)
     use_model = args.sequencer == "model" or (args.sequencer == "auto" and args.preset == "gpu24")
     constrain = args.preset == "cpu" if args.constrain is None else args.constrain
-    adapter = args.adapter or (None if args.base else newest_adapter())
-    if adapter and not (Path(adapter) / "adapter_config.json").exists():
-        sys.exit(f"error: {adapter} is not an adapter folder (no adapter_config.json); train one with `make train`")
     describe = args.describe if args.describe is not None else not vlm_preset  # a VLM planner sees the image
     arr, seconds = np.asarray(rgb), {}
 
@@ -214,8 +286,9 @@ def main(argv=None):
                                                                          else "") + f": {e}")
         seconds["load_planner"] = round(time.time() - t0, 2)
         description = job.result() if job else None
-    print(f"planner: {args.preset}, " + (f"adapter {adapter}" + ("" if args.adapter else " (newest under runs/)")
-                                        if adapter else "base model, no adapter (train one with `make train`)"))
+    newest = "" if args.adapter else f" (newest {args.preset} adapter under runs/)"
+    print(f"planner: {args.preset}, " + (f"adapter {adapter}{newest}" if adapter
+                                        else "base model, no adapter (train one with `make train`)"))
     if description:
         print(f"perception: {description}")
     t0 = time.time()

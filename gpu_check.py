@@ -1,40 +1,199 @@
 """
-The GPU check: the gpu24 models' real architectures with random weights (no network, no downloads), run as the
-preset runs them, with the measured peak memory printed next to the plan's estimate (memory.py).
+The GPU acceptance check: everything in this repo that needs a GPU, run on one in a single command, with random
+weights (no network, no downloads). It prints one table, a row per check (PASS, FAIL, or INFO: a bar reported but not
+applied) with what was measured, writes gpu_check.json (in --out, default runs/gpu_check) and exits with status 1 if
+any check failed. A check that raises is recorded (exception type, message, the end of its traceback, in the json)
+and the next one runs: one failure never hides the others.
 
-    python gpu_check.py                 # a CUDA GPU with >= 40 GB (the bf16 weights are built there first), < 8 min
-    python gpu_check.py --part=planner  # only the planner: Qwen2.5-VL-7B, NF4 + LoRA, 2 GRPO steps (train.py)
-    python gpu_check.py --part=flux     # only the editor: FLUX.1-Kontext-dev's transformer in NF4, one edit
-    python gpu_check.py --tiny          # the same code on tiny configs, on the CPU (tests/test_gpu_check.py)
+    make gpu-check                          # = python gpu_check.py: every check, on a CUDA GPU; budget 8 minutes
+    python gpu_check.py --dry               # list the checks (name, what, bar); loads nothing, needs no GPU
+    python gpu_check.py --only=planner,flux # a subset; a name before the dot picks a family: --only=tiny_vl,edit
+    python gpu_check.py --tiny              # the same code on tiny configs, on the CPU (tests/test_gpu_check.py)
+    GPU_CHECK_DIR=/data/gc python gpu_check.py   # where the random models are built once (default: $TMPDIR/gpu_check)
+
+The checks, in the order they run:
+
+tiny.paper, tiny.outcome, tiny_vl.paper, tiny_vl.outcome, tiny_vl.judge: train.py end to end on the device, one
+reward each (judge needs a VLM planner): a cold start (2 SFT steps), 2 GRPO steps, the held-out evaluation
+(eval_every=2), then a second call with --resume=True --steps=3, each in a fresh folder under --out. Random tiny
+models write no tags, so every reward would be flat and every group dropped: the update would never run. So the
+paper runs use a seeded random reward in place of the paper's (the planner check's), and in the outcome and judge
+runs the samples leave the decoder as a plan and a tagless text in turn: the agents, and the judge model, really
+run, and the groups have a signal. Bar: GRPO rows for steps 1, 2, 3 with a finite loss, evaluations at steps 2 and 3,
+the run on the chosen device (memory.json); paper and judge: a kept group (an update) at every step; outcome and
+judge: every plan parsed and run by the agents (the outcome reward's target part is 0 for a plan that is not the
+request's, so its groups may be flat and are not required to update).
+
+edit.kontext, edit.pix2pix, edit.inpaint: `edit.py --preset=tiny_vl --editor=NAME` on a 90x60 image. The tiny VLM
+planner reads it (its answer is replaced by a fixed one-step plan, "recolor the left half red": random weights write
+no tags), the CPU region agents find the left half, and the editor, a tiny random pipeline of its real class
+(diffusion.tiny_folder) loaded by its real loader (diffusion.load_editor: on a GPU bf16 and NF4 for kontext, fp16
+for the others), edits it. Bar: the output image exists at the input's size, the step ran, the editor sat on the
+chosen device.
 
 planner: configs/qwen2.5-vl-7b-instruct.json with random weights, saved once as a bf16 folder (16 GB, in
-$GPU_CHECK_DIR or the temporary folder), then `python train.py --preset=gpu24` itself, loading that folder: NF4,
-LoRA r=64, B=8 prompts x G=8 samples, 128 new tokens, 448x448 images, gradient checkpointing, 2 GRPO steps, and an
-evaluation of 32 prompts before and after them. Random weights write no tags, so the reward is a seeded random
-number (every group then has a signal and every step updates), and no completion stops early: the worst case of
-the KV cache. The tokenizer is the tiny
-byte-level one (vlm.tiny_folder): text prompts are longer than with Qwen's, and the plan is computed for the
-prompt length actually seen.
-flux: configs/flux.1-kontext-dev-transformer.json, random bf16 weights, every Linear of the blocks in NF4 (the
-layers diffusers quantizes), then `steps` denoising passes of one 1024 px Kontext edit: the target latents and
-the reference image's latents (2 x 4096 tokens) with 512 T5 tokens, no grad. Only the transformer: the T5 encoder,
-CLIP and the VAE run before and after it (see `train.py --preset=gpu24 --dry_run=True`).
+GPU_CHECK_DIR), then train.py --preset=gpu24 itself, loading that folder: NF4, LoRA r=64, B=8 prompts x G=8 samples,
+128 new tokens, 448x448 images, gradient checkpointing, 2 GRPO steps, and an evaluation of 32 prompts before and
+after them. The reward is the seeded random one (every group updates), and no completion stops early: the worst
+case of the KV cache. The tokenizer is the tiny byte-level one (vlm.tiny_folder): text prompts are longer than with
+Qwen's, and the plan is computed for the prompt length actually seen. Bar: each phase's measured peak within 20% of
+the plan's (memory.py), and the largest under 24 GB. Building the folder needs a GPU with >= 40 GB; on a 24 GB card,
+build it elsewhere (`gpu_check.planner_folder(dir, False, "cpu")` works, slowly) and point GPU_CHECK_DIR at it.
 
-Writes gpu_check.json beside the printed table (in --out, default runs/gpu_check).
+flux: configs/flux.1-kontext-dev-transformer.json, random bf16 weights, every Linear of the blocks in NF4 (the layers
+diffusers quantizes), then --flux_steps (28) denoising passes of one 1024 px Kontext edit: the target and reference
+latents (2 x 4096 tokens) with 512 T5 tokens, no grad. Only the transformer: the T5 encoder, CLIP and the VAE run
+before and after it (their sizes: `train.py --preset=gpu24 --dry_run=True`). Bar: the peak within 20% of the plan.
+
+--tiny runs planner and flux on tiny configs: their bars are reported (INFO rows), not applied, since the plan's
+coefficients are for the GPU (tests/test_memory.py compares the plan with the CPU at sizes where it holds). The other
+checks are the same in both modes. Time: --tiny 1 to 1.5 minutes on 2 CPU cores; on a GPU most of the budget is the
+7B folder (built and saved once, then loaded) and its two GRPO steps; the tiny checks take about a minute.
 """
 import argparse
+import gc
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 import time
+import traceback
+from collections import namedtuple
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+import memory
+
 GB = 2**30
+PLAN = "<action>brighten</action><subject>whole image</subject><goal>slightly</goal>"  # every agent runs it
+EDIT_PLAN = "<action>recolor</action><subject>left half</subject><goal>red</goal>"    # a region for every editor
+TRAIN = [("tiny", "paper"), ("tiny", "outcome"), ("tiny_vl", "paper"), ("tiny_vl", "outcome"), ("tiny_vl", "judge")]
+EDITORS = ("kontext", "pix2pix", "inpaint")
 
 
-def planner_folder(root, tiny):
+@contextmanager
+def patched(obj, name, value):
+    """obj.name = value inside the block, the original put back after (also when the block raises)."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def random_reward(seed=0):
+    """A stand-in for reward.paper_rewards: random weights write no tags (and most of their tokens decode to
+    nothing), so the paper reward is flat; a seeded random one gives every group a signal and every step an update."""
+    g = torch.Generator().manual_seed(seed)
+
+    def reward(texts, golds):
+        r = torch.rand(len(texts), generator=g)
+        return r, {"format": r * 0, "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
+    return reward
+
+
+def fresh(folder):
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py and edit.py end to end on tiny models
+
+def check_train(ctx, preset, reward_name):
+    """Cold start, 2 GRPO steps, evaluation, then resume to step 3, with one reward; see the docstring."""
+    import reward
+    import rollout
+    import train
+    run = fresh(ctx.out / f"{preset}.{reward_name}")
+    args = [f"--preset={preset}", f"--reward={reward_name}", f"--out_dir={run}", "--sft_steps=2", "--steps=2",
+            "--eval_every=2", "--save_every=2", "--outcome_size=64"]
+    if reward_name == "paper":
+        stand_in = patched(reward, "paper_rewards", random_reward())
+    else:  # samples leave the decoder as a plan and a tagless text in turn: runs that score, groups with a signal
+        plans = lambda tok, roll: [(PLAN, "no tags")[i % 2] for i in range(len(roll.ids))]  # noqa: E731
+        stand_in = patched(rollout, "decode", plans)
+    with stand_in:
+        train.main(train.parse_args(args))
+        train.main(train.parse_args(args + ["--steps=3", "--resume=True"]))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    grpo = [r for r in rows if r["phase"] == "grpo"]
+    evals = [r["step"] for r in rows if r["phase"] == "eval"]
+    device = json.loads((run / "memory.json").read_text())["device"]
+    problems = []
+    if [r["step"] for r in grpo] != [1, 2, 3]:
+        problems.append(f"GRPO rows for steps {[r['step'] for r in grpo]}, not [1, 2, 3]")
+    if not all(math.isfinite(r["loss"]) for r in grpo):
+        problems.append(f"non-finite loss: {[r['loss'] for r in grpo]}")
+    # The outcome reward's target part is 0 for a plan that is not the request's, so its groups may all be flat.
+    if reward_name != "outcome" and not all(r["kept_groups"] > 0 for r in grpo):
+        problems.append(f"a step kept no group (the update did not run): {[r['kept_groups'] for r in grpo]}")
+    if reward_name != "paper" and not all(r.get("parsed") == 0.5 and r.get("failed") == 0 for r in grpo):
+        problems.append(f"the agents did not run every decoded plan: parsed {[r.get('parsed') for r in grpo]}, "
+                        f"failed {[r.get('failed') for r in grpo]}")
+    if evals != [2, 3]:
+        problems.append(f"evaluations at steps {evals}, not [2, 3]")
+    if device != ctx.device:
+        problems.append(f"ran on {device}, not {ctx.device}")
+    last = grpo[-1] if grpo else {}
+    measured = (f"{device}, steps {[r['step'] for r in grpo]}, loss {last.get('loss', float('nan')):+.4f}, reward "
+                f"{last.get('reward', float('nan')):.3f}, kept {[r['kept_groups'] for r in grpo]}, evals {evals}")
+    return {"measured": measured, "problems": problems, "details": {"grpo": grpo, "evals": evals, "device": device}}
+
+
+def check_edit(ctx, name):
+    """edit.py --preset=tiny_vl with the diffusers editor `name` as a tiny random pipeline; see the docstring."""
+    import numpy as np
+    from PIL import Image
+
+    import agents
+    import diffusion
+    import edit
+    folder = diffusion.tiny_folder(ctx.models / "tiny-pipelines" / name, name)
+    run = fresh(ctx.out / f"edit.{name}")
+    src, out = run / "in.png", run / "out.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(src)
+    real = edit.load_planner
+
+    def planner_with_a_fixed_answer(*a, **kw):
+        planner, write = real(*a, **kw)
+
+        def answer(x, d, image):
+            write(x, d, image)  # the VLM's real call, with the image, on the device; its random answer is no plan
+            return EDIT_PLAN
+        return planner, answer
+    loader = lambda: diffusion.load_editor(name, model=folder, steps=2, size=32)  # noqa: E731  its real loader
+    agents.unload(name)
+    try:
+        with patched(edit, "load_planner", planner_with_a_fixed_answer), \
+                patched(agents, "LOADERS", {**agents.LOADERS, name: loader}):
+            rec = edit.main([str(src), "make the left half red", "--preset=tiny_vl", f"--editor={name}", "--base",
+                             "--max_new_tokens=4", f"--out={out}", "--force"])
+            ed = agents.agent(name)  # loaded by the run: its device, dtype and NF4
+            where = f"{ed.device} {str(ed.dtype).replace('torch.', '')}" + (" + NF4" if ed.quantize else "")
+    finally:
+        agents.unload(name)
+    problems = [f"step {r['step']} failed: {r['error']}" for r in rec["steps"] if "error" in r]
+    got = Image.open(out).size if out.exists() else None
+    if got != (90, 60):
+        problems.append(f"output {out} is {got}, not the input's (90, 60)")
+    if ed.device != ctx.device:
+        problems.append(f"the editor ran on {ed.device}, not {ctx.device}")
+    measured = f"{name} on {where}: 90x60 -> {'x'.join(map(str, got)) if got else 'nothing'}, " \
+               f"{len(rec['steps'])} step(s), regions {[r.get('agent') for r in rec['steps']]}"
+    return {"measured": measured, "problems": problems, "details": {"trace": rec, "editor": where}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real-size architectures with random weights, measured against the memory plan
+
+def planner_folder(root, tiny, device):
     """A Qwen2.5-VL folder with random weights: the 7B config (or a tiny one) and the tiny tokenizer's ids."""
     import vlm
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -54,7 +213,6 @@ def planner_folder(root, tiny):
            "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
            ("eos_token_id", "<|im_end|>"), ("pad_token_id", "<|endoftext|>")]}
     config.update(ids, bos_token_id=None)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     t = time.time()
     with torch.device(device):  # random init where it is fast; saved in bf16 like the hub's weights
         model = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig.from_dict(config),
@@ -70,31 +228,18 @@ def planner_folder(root, tiny):
     return folder
 
 
-def check_planner(out, tiny):
+def check_planner(out, tiny, models, device):
     """Two GRPO steps of train.py on the gpu24 preset; returns memory.json (measured and planned per phase)."""
     import reward
     import train
-    import tempfile
-    folder = planner_folder(os.environ.get("GPU_CHECK_DIR") or Path(tempfile.gettempdir()) / "gpu_check", tiny)
-
-    g = torch.Generator().manual_seed(0)
-
-    def random_reward(texts, golds):  # random weights write no tags (and most of their tokens decode to nothing)
-        r = torch.rand(len(texts), generator=g)  # a seeded random reward: every group has a signal, every step updates
-        return r, {"format": r * 0, "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
-    run = Path(out) / "planner"
-    if run.exists():
-        import shutil
-        shutil.rmtree(run)
+    folder = planner_folder(models, tiny, device)
+    run = fresh(Path(out) / "planner")
     args = [f"--planner={folder}", f"--out_dir={run}", "--steps=2", "--sft_steps=0", "--eval_every=2"]
     args += ["--preset=tiny_vl", "--grad_checkpointing=True", "--eval_n=4"] if tiny else \
         ["--preset=gpu24", "--eval_n=32"]
-    t, paper = time.time(), reward.paper_rewards
-    reward.paper_rewards = random_reward
-    try:
+    t = time.time()
+    with patched(reward, "paper_rewards", random_reward()):
         train.main(train.parse_args(args))
-    finally:
-        reward.paper_rewards = paper
     mem = json.loads((run / "memory.json").read_text())
     mem["seconds"] = round(time.time() - t)
     return mem
@@ -119,20 +264,18 @@ def nf4_linears(module, dtype):
 
 
 @torch.no_grad()
-def check_flux(out, tiny, steps, size=1024, text_tokens=512, sizes=None):
+def check_flux(out, tiny, steps, device, dtype, size=1024, text_tokens=512, sizes=None):
     """`steps` passes of the FLUX.1-Kontext transformer in NF4 over one Kontext edit; measured vs planned bytes.
     `sizes`: config fields to override (a smaller model of the same class)."""
-    import memory
     from diffusers import FluxTransformer2DModel
+
+    import agents
     config = json.loads((Path(__file__).parent / "configs" / "flux.1-kontext-dev-transformer.json").read_text())
     if tiny:
         config.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                       joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6])
         size, text_tokens = 128, 16
     config.update(sizes or {})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    import gc
     gc.collect()  # the planner part's model is gone: its memory is not counted here
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -145,6 +288,7 @@ def check_flux(out, tiny, steps, size=1024, text_tokens=512, sizes=None):
     torch.set_default_dtype(default)
     for blocks in (model.transformer_blocks, model.single_transformer_blocks):
         nf4_linears(blocks, dtype)
+    agents._no_avx512_repack(model)  # on CPUs with AVX512-BF16 bitsandbytes would repack (and here break) the weights
     model.eval()
     print(f"flux: random weights built and quantized in {time.time() - t:.0f}s")
     n = (size // 16) ** 2  # latent tokens of one image: 8x VAE, then 2x2 patches
@@ -164,37 +308,140 @@ def check_flux(out, tiny, steps, size=1024, text_tokens=512, sizes=None):
                   timestep=torch.full((1,), 1 - i / steps, device=device, dtype=dtype),
                   img_ids=ids, txt_ids=torch.zeros(text_tokens, 3, device=device),
                   guidance=torch.full((1,), 2.5, device=device, dtype=dtype) if config["guidance_embeds"] else None)
-    plan = memory.flux_plan(config, size, text_tokens, 2 if device == "cuda" else 4)
+    plan = memory.flux_plan(config, size, text_tokens, 2 if dtype in (torch.bfloat16, torch.float16) else 4)
     return {"device": device, "measured": {"edit": meter.peaks["edit"]}, "estimated": {"edit": sum(plan.values())},
             "parts": plan, "steps": steps, "seconds_per_step": round((time.time() - t) / steps, 2)}
 
 
+def size(b):
+    return f"{b / GB:.2f} GB" if b >= GB / 10 else f"{b / 2**20:.1f} MB"  # tiny configs measure megabytes
+
+
+def against_plan(mem, limit=None):
+    """(measured text, problems) of measured vs planned peaks per phase: each within 20%, the largest under `limit`."""
+    err = {p: v / mem["estimated"][p] - 1 for p, v in mem["measured"].items() if p in mem["estimated"]}
+    peak = max(mem["measured"].values())
+    problems = [f"{p} {e:+.0%} off the plan" for p, e in err.items() if abs(e) > 0.2]
+    if limit and peak >= limit:
+        problems.append(f"peak {size(peak)} is not under {size(limit)}")
+    text = ", ".join(f"{p} {size(v)} / {size(mem['estimated'][p])} ({err[p]:+.0%})"
+                     for p, v in mem["measured"].items() if p in err) + " measured / planned"
+    return text + (f"; peak {size(peak)}" if limit else ""), problems
+
+
+def run_planner(ctx):
+    mem = check_planner(ctx.out, ctx.tiny, ctx.models, ctx.device)
+    text, problems = against_plan(mem, 24 * GB)
+    return {"measured": f"{mem['device']}: {text}", "problems": problems, "details": mem}
+
+
+def run_flux(ctx):
+    r = check_flux(ctx.out, ctx.tiny, 2 if ctx.tiny else ctx.flux_steps, ctx.device, ctx.dtype)
+    text, problems = against_plan(r)
+    return {"measured": f"{r['device']}: {text}, {r['seconds_per_step']}s/step", "problems": problems, "details": r}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry, the runner and the table. Each check's `run` looks its function up when called (a test swaps one).
+
+Check = namedtuple("Check", "run what bar plan")  # plan: the bar is the memory plan's (reported only with --tiny)
+TRAIN_BAR = {"paper": "GRPO steps 1-3 with finite loss and a kept group each; evaluations at steps 2, 3",
+             "outcome": "GRPO steps 1-3 with finite loss, every plan run by the agents; evaluations at 2, 3",
+             "judge": "GRPO steps 1-3 with finite loss and a kept group each, every plan run and judged; evals at 2, 3"}
+CHECKS = {
+    **{f"{p}.{r}": Check(lambda ctx, p=p, r=r: check_train(ctx, p, r),
+                         f"train.py --preset={p} --reward={r}: cold start, 2 GRPO steps, eval, resume to 3 "
+                         + ("(seeded random reward)" if r == "paper" else "(decoded: a plan, a tagless text)"),
+                         TRAIN_BAR[r] + ", on the device", False) for p, r in TRAIN},
+    **{f"edit.{e}": Check(lambda ctx, e=e: check_edit(ctx, e),
+                          f"edit.py --preset=tiny_vl --editor={e}: a tiny random {e} pipeline edits a region",
+                          "output at the input's size, the step ran, on the device", False) for e in EDITORS},
+    "planner": Check(lambda ctx: run_planner(ctx), "train.py --preset=gpu24: Qwen2.5-VL-7B (random) in NF4 + LoRA, "
+                     "2 GRPO steps, 32-prompt evals", "each phase within 20% of the plan, peak < 24 GB", True),
+    "flux": Check(lambda ctx: run_flux(ctx), "FLUX.1-Kontext transformer (random) in NF4: one 1024 px edit",
+                  "peak within 20% of the plan", True),
+}
+
+
+def select(only):
+    """The check names `--only` asks for: exact names, or a family (the part before the dot: tiny_vl, edit)."""
+    if not only:
+        return list(CHECKS)
+    asked = [x.strip() for x in only.split(",") if x.strip()]
+    unknown = [x for x in asked if not any(n == x or n.startswith(x + ".") for n in CHECKS)]
+    if unknown:
+        raise SystemExit(f"error: no check called {', '.join(map(repr, unknown))}; the checks: {', '.join(CHECKS)} "
+                         f"(or a family: {', '.join(sorted({n.split('.')[0] for n in CHECKS if '.' in n}))})")
+    return [n for n in CHECKS if any(n == x or n.startswith(x + ".") for x in asked)]
+
+
+def run_check(name, ctx):
+    """Run one check; whatever it raises becomes its FAIL row, and the memory it held is freed for the next one."""
+    check, t = CHECKS[name], time.time()
+    print(f"\n=== {name}: {check.what}", flush=True)
+    row = {"what": check.what, "bar": check.bar}
+    try:
+        r = check.run(ctx)
+        applied = not (ctx.tiny and check.plan)
+        row.update(r, result=("FAIL" if r["problems"] else "PASS") if applied else "INFO")
+    except (Exception, SystemExit) as e:  # SystemExit: train.py and edit.py stop with sys.exit on what they refuse
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-6))
+        row.update(result="FAIL", measured="", problems=[f"{type(e).__name__}: {e}"],
+                   error={"type": type(e).__name__, "message": str(e), "traceback": tb[-4000:]})
+        print(tb, file=sys.stderr)
+    gc.collect()
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()
+    row["seconds"] = round(time.time() - t, 1)
+    return row
+
+
+def table(rows):
+    print(f"\n{'check':<16} {'result':<6} {'time':>6}  measured")
+    for name, r in rows.items():
+        note = "; ".join(r["problems"])
+        if r["result"] == "INFO":
+            note = "bar not applied (--tiny: the plan is for the GPU)" + (f": {note}" if note else "")
+        print(f"{name:<16} {r['result']:<6} {r['seconds']:>5.0f}s  {r['measured']}" + (f"  [{note}]" if note else ""))
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["all", "planner", "flux"], default="all")
-    ap.add_argument("--tiny", action="store_true", help="tiny configs, for the CPU")
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    ap.add_argument("--dry", action="store_true", help="list the checks (name, what, bar) and stop; loads nothing")
+    ap.add_argument("--only", default="", help="comma-separated check names or families (see --dry)")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs for planner and flux, for the CPU")
     ap.add_argument("--flux_steps", type=int, default=28, help="denoising passes (memory is the same for each)")
     ap.add_argument("--out", default="runs/gpu_check")
     args = ap.parse_args(argv)
-    if not args.tiny and not torch.cuda.is_available():
+    names = select(args.only)
+    if args.dry:
+        print(f"{len(names)} checks (with --tiny, planner and flux run tiny configs and their bars are reported only):")
+        for n in names:
+            print(f"{n:<16} {CHECKS[n].what}\n{'':<16} bar: {CHECKS[n].bar}")
+        return {"checks": names}
+    device, dtype, why = memory.pick_device()
+    if not args.tiny and device != "cuda":
         sys.exit("error: gpu_check.py needs a CUDA GPU (the real 7B and 12B architectures); --tiny runs the same "
-                 "code on tiny configs on the CPU")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    if torch.cuda.is_available():
-        print(f"GPU: {torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / GB:.0f} GB")
-    t0, results = time.time(), {}
-    if args.part in ("all", "planner"):
-        results["planner"] = check_planner(args.out, args.tiny)
-    if args.part in ("all", "flux"):
-        results["flux"] = check_flux(args.out, args.tiny, 2 if args.tiny else args.flux_steps)
-    print(f"\n{'part':<10} {'phase':<8} {'measured GB':>12} {'planned GB':>11} {'error':>7}")
-    for part, r in results.items():
-        for phase, v in r["measured"].items():
-            est = r["estimated"].get(phase)
-            print(f"{part:<10} {phase:<8} {v / GB:12.3f} {est / GB:11.3f} {(v / est - 1) * 100:+6.1f}%")
-    results["seconds"] = round(time.time() - t0)
-    (Path(args.out) / "gpu_check.json").write_text(json.dumps(results, indent=1))
-    print(f"total {results['seconds']}s; wrote {Path(args.out) / 'gpu_check.json'}")
+                 "code on tiny configs on the CPU, --dry lists the checks")
+    print(f"device: {device} {str(dtype).replace('torch.', '')} ({why})" + (
+        f", {torch.cuda.get_device_properties(0).total_memory / GB:.0f} GB" if device == "cuda" else ""))
+    ctx = argparse.Namespace(out=Path(args.out), tiny=args.tiny, device=device, dtype=dtype, flux_steps=args.flux_steps,
+                             models=Path(os.environ.get("GPU_CHECK_DIR") or Path(tempfile.gettempdir()) / "gpu_check"))
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    t0, rows, path = time.time(), {}, ctx.out / "gpu_check.json"
+    for n in names:
+        rows[n] = run_check(n, ctx)
+        failed = [n for n, r in rows.items() if r["result"] == "FAIL"]
+        results = {"device": device, "why": why, "tiny": args.tiny, "checks": rows, "failed": failed,
+                   "seconds": round(time.time() - t0)}
+        path.write_text(json.dumps(results, indent=1, default=str))  # after each check: a killed run keeps its rows
+    table(rows)
+    info = sum(r["result"] == "INFO" for r in rows.values())
+    print(f"{len(rows)} checks: {len(rows) - len(failed) - info} passed, {len(failed)} failed"
+          + (f", {info} reported only (--tiny)" if info else "") + f"; {results['seconds']}s; wrote {path}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (tracebacks in {path})", file=sys.stderr)
+        raise SystemExit(1)
     return results
 
 

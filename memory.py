@@ -42,12 +42,25 @@ from pathlib import Path
 
 import torch
 
-from vlm import LORA_TARGETS, MODELS
+from vlm import MODELS, lora_regex
 
 CONFIGS = Path(__file__).parent / "configs"
 GB = 2**30
 QWEN_7B = MODELS["7b"]
 CONFIG_FILES = {QWEN_7B: "qwen2.5-vl-7b-instruct.json", MODELS["3b"]: "qwen2.5-vl-3b-instruct.json"}
+
+
+def pick_device(name="auto"):
+    """(device, dtype, why): the one place where the run's device and the planner's compute dtype are chosen; every
+    entry point calls it once, prints the reason and passes both down. "auto" is the CUDA GPU if there is one;
+    bf16 on a GPU, fp32 elsewhere (the CPU has no fast bf16 matmul, and the tests' emulated device is a CPU)."""
+    if name == "auto":
+        name, why = ("cuda", torch.cuda.get_device_name(0)) if torch.cuda.is_available() else ("cpu", "no CUDA GPU")
+    else:
+        why = "asked for"
+    if name.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: device {name!r} asked for, but this machine has no CUDA GPU")
+    return name, torch.bfloat16 if name.split(":")[0] == "cuda" else torch.float32, why
 
 
 def planner_config(name):
@@ -93,7 +106,7 @@ def estimate(cfg, config, prompt_len, device="cuda"):
     kv_tok = L * 2 * t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
     b = 2 if device == "cuda" else 4
     w, largest = weights(model, b)
-    targets = re.compile(LORA_TARGETS)
+    targets = re.compile(lora_regex(cfg.lora_targets))
     n_lora = sum(cfg.lora_r * (m.in_features + m.out_features) for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and targets.fullmatch(n))
     B, G, T, E = cfg.batch_prompts, cfg.group_size, cfg.max_new_tokens, cfg.eval_batch
@@ -169,18 +182,22 @@ def flux_plan(config, size=1024, text_tokens=512, b=2):
 
 
 def editor_parts():
-    """Bytes of the gpu24 editing and region agents on a GPU (bf16; FLUX's transformer and T5 in NF4), from configs."""
+    """Bytes of the gpu24 editing and region agents on a GPU (bf16; FLUX's transformer and T5 in NF4, as diffusers
+    and transformers quantize them), from configs."""
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config.from_dict(json.loads((CONFIGS / "t5-v1_1-xxl-encoder.json").read_text())))
     flux = flux_plan(json.loads((CONFIGS / "flux.1-kontext-dev-transformer.json").read_text()))
+    # transformers keeps T5's `_keep_in_fp32_modules` (the feed-forward output projections `wo`, a fifth of its
+    # weights) out of 4-bit; in fp32 only for fp16 loads, so at b = 2 in bf16: 3.9 GB, not the 2.5 of all-NF4.
+    keep = tuple(f".{m}" for m in T5EncoderModel._keep_in_fp32_modules or ())
     # Small parts, published parameter counts (16-bit): CLIP-L text encoder 123M and FLUX's VAE 84M; OWLv2-base 155M
     # and SAM-ViT-base 94M (region agents). The VAE's decode of a 1024 px image is not computed here: diffusers
     # decodes in tiles when asked (pipe.vae.enable_tiling()), else it adds a few GB for a moment.
     return {"FLUX.1-Kontext transformer (NF4)": flux["weights (blocks in NF4)"],
             "FLUX transformer activations (1024 px)": list(flux.values())[1],
-            "T5-XXL text encoder (NF4)": weights(t5, 2, skip=("shared",))[0],
+            "T5-XXL text encoder (NF4, wo in bf16)": weights(t5, 2, skip=keep)[0],
             "CLIP-L text encoder + VAE (bf16)": (123e6 + 84e6) * 2, "OWLv2 + SAM region agents (fp16)": 249e6 * 2}
 
 
@@ -299,5 +316,7 @@ class Meter:
     @contextmanager
     def phase(self, name):
         self.begin(name)
-        yield
-        self.end()
+        try:
+            yield
+        finally:  # an error inside still stops the sampling thread
+            self.end()

@@ -333,11 +333,14 @@ def judge_rewards(planner, outcome, completions, samples):
     plan is run by the agents on the sample's image at outcome.size (cached like the outcome reward's runs), and
     the judge scores completion, quality and preservation from 0 to 10; the reward is their mean / 10. A plan that
     does not parse or whose run fails gets 0 and is counted. Needs a VLM planner (gpu24, tiny_vl). No gold labels
-    or targets are used: a dataset of bare requests can be trained on."""
+    or targets are used: a dataset of bare requests can be trained on. Each distinct (request, ordered plan) of the
+    batch is judged once and its score shared: identical plans get identical rewards (a bf16 judge scoring the
+    same plan in two batches differs in the last bits, which group normalisation would blow up)."""
     import agents
     import vlm
     from PIL import Image
     jobs, sources, info = [], {}, {k: torch.full((len(completions),), float("nan")) for k in vlm.QUESTIONS}
+    owners, seen = [], {}  # owners: (sample, job) pairs; seen: (image, request, plan) -> its job
     info.update(parsed=torch.zeros(len(completions)), failed=torch.zeros(len(completions)))
     for i, (text, s) in enumerate(zip(completions, samples)):
         p = parse(text)
@@ -346,19 +349,25 @@ def judge_rewards(planner, outcome, completions, samples):
             continue
         steps, _ = agents.sequence(p)
         key = outcome._key(s)
+        plan = (key, s["instruction"], tuple((x.action, x.subject, x.goal) for x in steps))
+        if plan in seen:
+            owners.append((i, seen[plan]))
+            continue
         if key not in sources:  # once per image, not once per sample of its group
             sources[key] = outcome.source(s)
         src = sources[key]
         edited, err = outcome._execute(key, src, steps)
-        if err:
-            info["failed"][i] = 1.0
-            continue
-        jobs.append((i, s["instruction"], Image.fromarray(src), Image.fromarray(edited)))
+        seen[plan] = None if err else len(jobs)
+        owners.append((i, seen[plan]))
+        if not err:
+            jobs.append((s["instruction"], Image.fromarray(src), Image.fromarray(edited)))
     rewards = torch.zeros(len(completions))
+    info["failed"][[i for i, j in owners if j is None]] = 1.0
+    owners = [(i, j) for i, j in owners if j is not None]
     if jobs:
-        rows = torch.tensor([j[0] for j in jobs])
-        scores = vlm.judge(planner, [j[1] for j in jobs], [j[2] for j in jobs], [j[3] for j in jobs])  # (n, 3)
-        rewards[rows] = scores.mean(1) / 10
+        scores = vlm.judge(planner, *zip(*jobs))  # (n, 3): one row per distinct plan
+        rows, idx = torch.tensor([i for i, _ in owners]), torch.tensor([j for _, j in owners])
+        rewards[rows] = scores[idx].mean(1) / 10
         for k, name in enumerate(vlm.QUESTIONS):
-            info[name][rows] = scores[:, k]
+            info[name][rows] = scores[idx, k]
     return rewards, info

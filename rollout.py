@@ -6,8 +6,11 @@ GRPO samples G completions of every prompt. `sample_group` prefills each prompt 
 together, one token per forward pass. `generate(num_return_sequences=G)` instead copies the prompt G times before
 the prefill and so computes the same keys and values G times.
 
-The log-probs returned are those of the model's own distribution (temperature 1, no top-p), which is what the
-GRPO loss needs as `old_logp`; temperature and top-p only shape which token is drawn.
+The log-probs returned are those of the distribution the tokens are drawn from, logits / temperature (greedy
+decoding, temperature 0, reports temperature 1's), and `completion_logp` takes the same temperature: the GRPO loss's
+`old_logp`, `logp` and `ref_logp` are then log-probs of one distribution, as in common GRPO implementations.
+Simplified: the top-p cut and the masks of constrained decoding (`allowed`, PlanGrammar) shape which token is
+drawn but are left out of the log-probs, which stay those of the full tempered distribution.
 """
 from dataclasses import dataclass
 
@@ -30,10 +33,14 @@ def build_prompt(tok, instruction, description=None, system=SYSTEM):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def stop_ids(tok):
-    """Token ids that end a completion: the chat end-of-turn marker and the tokenizer's end-of-sequence."""
-    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+def stop_ids(tok, model=None):
+    """Token ids that end a completion: the chat end-of-turn marker, the tokenizer's end-of-sequence and those of
+    the model's generation config (Qwen2.5-VL stops on both <|im_end|> and <|endoftext|>)."""
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = {tok.eos_token_id, end if end != tok.unk_token_id else None}  # unk: the tokenizer has no such token
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sorted(i for i in ids if i is not None)
 
 
 def left_pad(prompts, pad_id, device):
@@ -198,7 +205,8 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     """Sample `group_size` completions for each prompt (a list of B token-id lists) with a shared KV cache.
     temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout.
     `allowed` (token ids) restricts which tokens may be drawn (the sequencer's constrained answer); the log-probs
-    stay those of the model's full distribution. `grammar` (a PlanGrammar) does the same for runnable plans.
+    stay those of the full distribution at this temperature (see the module's docstring). `grammar` (a
+    PlanGrammar) does the same for runnable plans.
     `vision` (a vlm.Vision): the prompts' images, for a VLM planner."""
     device = next(model.parameters()).device
     out, attn, pos = prefill(model, prompts, pad_id, vision)
@@ -216,7 +224,7 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
         keep[torch.tensor(sorted(set(allowed) | set(stop.tolist())), device=device)] = True
     for _ in range(max_new_tokens):
         logits = logits.float()
-        full = logits
+        full = logits / (temperature or 1.0)  # the distribution the log-probs report
         if allowed is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         if grammar is not None:
@@ -224,7 +232,7 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
-            probs = top_p_filter(F.softmax(logits / temperature, -1), top_p)
+            probs = top_p_filter(F.softmax(logits / temperature, -1), top_p)  # masked entries stay 0
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         tok = tok.masked_fill(done, pad_id)
         toks.append(tok)
@@ -243,9 +251,10 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     return Rollout(ids=torch.stack(toks, 1), mask=torch.stack(masks, 1).long(), logp=torch.stack(lps, 1))
 
 
-def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None):
+def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None, temperature=1.0):
     """Per-token log-probs (N, T) of completions `ids` (N, T) given their prompts (B lists; N = B * group_size,
-    rows prompt-major as `sample_group` returns them), with gradients; padding positions get 0.
+    rows prompt-major as `sample_group` returns them), with gradients; padding positions get 0. `temperature`:
+    that of the sampler, whose log-probs these then equal (0 counts as 1, as in `sample_group`).
     Like the sampler, each prompt goes through the model once and its KV cache is repeated for the group, then all
     completions run on top of it: the same numbers as a forward pass over each full sequence, with the prompt part
     (the longer one here) computed B instead of N times. Gradients flow through the shared cache into the prompt's
@@ -271,7 +280,7 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
         rest = model(input_ids=ids_in, attention_mask=attn, position_ids=pos, past_key_values=cache,
                      use_cache=True, logits_to_keep=T).logits[:, :-1]             # predicts tokens 1..T-1
         logits = torch.cat([out.logits[:, -1:].repeat_interleave(G, 0), rest], 1)  # (N, T, V)
-    logp = F.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    logp = F.log_softmax(logits.float() / (temperature or 1.0), -1).gather(-1, ids[..., None]).squeeze(-1)
     return logp * mask
 
 
@@ -295,7 +304,8 @@ def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=N
             prompts, vision = vlm.prompts(planner, instructions[i:i + batch], images[i:i + batch])
         else:
             prompts = [build_prompt(tok, x, d) for x, d in zip(instructions[i:i + batch], descriptions[i:i + batch])]
-        r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok), tok.pad_token_id, temperature=0,
+        r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok, planner.model), tok.pad_token_id,
+                         temperature=0,
                          grammar=grammar, vision=vision)
         texts += decode(tok, r)
     return texts

@@ -30,6 +30,8 @@ With a VLM planner (gpu24, tiny_vl) the prompt carries the image itself (vlm.pro
 text, and `--reward=judge` scores each plan's edited image with the planner's base model (reward.judge_rewards).
 Each phase's peak memory (vision or prompts, sample, update, eval, judge) is measured (memory.Meter) and written
 to memory.json, next to the plan's estimate for a VLM planner.
+The device and the planner's dtype are chosen once (memory.pick_device: `--device=auto|cuda|cpu`, bf16 on a GPU),
+printed and passed down; rewards are made on the CPU and cross to the device at one line of the step.
 
 Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, memory.json, reward.png,
 adapter/ (peft), cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer,
@@ -53,6 +55,8 @@ import torch
 @dataclass
 class Config:
     preset: str = "auto"                 # cpu | tiny | gpu24 | tiny_vl (see PRESETS); auto picks one for this machine
+    device: str = "auto"                 # where the planner runs: auto (the CUDA GPU if any, else cpu), cuda, cpu
+    quantize: bool = True                # the planner's base in NF4; False: in full precision (more memory)
     planner: str = ""                    # the VLM planner (gpu24, tiny_vl): a hub id or a local folder
     max_pixels: int = 448 * 448          # VLM planner: each image is resized to at most this many pixels
     image_size: int = 448                # VLM planner: built-in images are drawn at this many pixels a side
@@ -100,6 +104,7 @@ class Config:
     outcome_weights: tuple = (0.6, 0.3, 0.1)  # target similarity, preservation outside gold regions, BRISQUE
     outcome_mix: float = 0.5             # weight of the outcome part when reward="both"
     outcome_size: int = 256              # images are edited and scored at this many pixels a side
+    reward_tol: float = 1e-3             # a group whose rewards span no more than this carries no signal
     # evaluation and saving
     eval_n: int = 100                    # held-out requests scored per evaluation
     eval_batch: int = 25                 # prompts decoded together during evaluation
@@ -128,10 +133,13 @@ VLM_PRESETS = ("gpu24", "tiny_vl")
 # ----------------------------------------------------------------------------------------------------------------
 # The RL math: small pure functions on tensors.
 
-def group_advantages(rewards, eps=1e-4):
-    """rewards (B, G) -> advantages (B, G): normalised within each group; a group of equal rewards gives zeros."""
-    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+def group_advantages(rewards, tol=1e-3, eps=1e-4):
+    """rewards (B, G) -> (advantages (B, G), signal (B,) bool), normalised within each group. A group whose rewards
+    span no more than `tol` has no signal and gets zeros: the same plan scored twice by a bf16 judge differs in the
+    last bits, and normalising that noise would make it +-1 advantages."""
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)       # (B, 1)
+    signal = rewards.max(1).values - rewards.min(1).values > tol                  # (B,)
+    return torch.where(signal[:, None], (rewards - mean) / (std + eps), torch.zeros_like(rewards)), signal
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0):
@@ -140,7 +148,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0):
     ratio = torch.exp(logp - old_logp)                                            # (N, T)
     adv = advantages[:, None]                                                     # (N, 1)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)     # (N, T)
-    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1                       # (N, T) k3 estimator, >= 0
+    # k3 estimator of KL(policy || ref), >= 0; the log-ratio is clamped so that one token the reference finds
+    # nearly impossible (a forced one) cannot make it inf
+    log_ratio = (ref_logp - logp).clamp(-20, 20)                                  # (N, T)
+    kl = torch.exp(log_ratio) - log_ratio - 1                                     # (N, T)
     per_token = -(surrogate - beta * kl) * mask
     tokens = mask.sum(1).clamp(min=1)                                             # (N,)
     loss = (per_token.sum(1) / tokens).mean()
@@ -160,14 +171,20 @@ def grpo_batch(train, seed, step, B):
 
 
 def detect_preset():
-    """The preset for this machine and why: a CUDA GPU with at least 20 GB is meant for gpu24, anything else cpu."""
+    """The preset for this machine and why: gpu24 on a CUDA GPU with at least 20 GB where its planner can be loaded
+    (a local copy, or the hub reachable), anything else cpu."""
     if not torch.cuda.is_available():
         return "cpu", "no CUDA GPU"
     props = torch.cuda.get_device_properties(0)
     gb = props.total_memory / 2**30
     if gb < 20:
         return "cpu", f"{props.name} has {gb:.0f} GB, gpu24 needs 20"
-    return "gpu24", f"{props.name} has {gb:.0f} GB"
+    import vlm
+    ok, why = vlm.available(PRESETS["gpu24"]["planner"])
+    if not ok:
+        return "cpu", (f"{props.name} has {gb:.0f} GB, but {why}; `huggingface-cli download "
+                       f"{PRESETS['gpu24']['planner']}` makes gpu24 the default")
+    return "gpu24", f"{props.name} has {gb:.0f} GB and {why}"
 
 
 def parse_args(argv):
@@ -232,6 +249,30 @@ def evaluate(planner, samples, cfg):
     return out, texts
 
 
+def score(cfg, planner, outcome, meter, texts, golds):
+    """Rewards (N,) of N completions, on the CPU, with the paper's parts (`info`: format and F1s, always logged)
+    and `extra` log fields of the outcome or judge reward. A plan that fails to run gets 0 and is counted."""
+    import reward
+    rewards, info = reward.paper_rewards(texts, golds)
+    if cfg.reward == "paper":
+        return rewards, info, {}
+    t = time.time()
+    extra = {"paper_reward": round(rewards.mean().item(), 4)}
+    if cfg.reward == "judge":  # the base model, adapter off, scores each plan's edited image
+        with meter.phase("judge"):
+            judged, parts = reward.judge_rewards(planner, outcome, texts, golds)
+        rewards = judged
+    else:
+        runs = dict(outcome.counts)
+        out_r, parts = outcome(texts, golds)
+        extra.update({"failed_samples": int(parts["failed"].sum()),
+                      **{k: outcome.counts[k] - runs.get(k, 0) for k in ("agent_errors", "steps_run", "steps_reused")}})
+        rewards = out_r if cfg.reward == "outcome" else cfg.outcome_mix * out_r + (1 - cfg.outcome_mix) * rewards
+    extra.update({k: round(v.nanmean().item(), 4) for k, v in parts.items() if not v.isnan().all()},
+                 outcome_seconds=round(time.time() - t, 2))
+    return rewards, info, extra
+
+
 def make_prompts(planner, samples, cfg):
     """The prompts of labelled requests: token ids, and for a VLM planner the Vision of their images (else None)."""
     from rollout import build_prompt
@@ -243,18 +284,18 @@ def make_prompts(planner, samples, cfg):
                        [sample_image(s, cfg.image_size) for s in samples])
 
 
-def load_policy(cfg, device, adapter=None):
-    """The planner of cfg's preset in NF4 + LoRA (a fresh adapter, or the saved one in `adapter`)."""
+def load_policy(cfg, device, dtype, adapter=None):
+    """The planner of cfg's preset in NF4 (or full precision: quantize=False) + LoRA on `lora_targets` (a fresh
+    adapter, or the saved one in `adapter`), on `device`."""
     from agents import load_planner
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, adapter=adapter,
-                device=device)
-    if cfg.preset not in VLM_PRESETS:
-        return load_planner(cfg.preset, lora_targets=cfg.lora_targets, **lora)
+                lora_targets=cfg.lora_targets, device=device, dtype=dtype)
+    if cfg.preset not in VLM_PRESETS:  # unquantized: the NF4 numbers stored in full precision
+        return load_planner(cfg.preset, dequantized=not cfg.quantize, **lora)
     import vlm
     from agents import cache_dir
     name = cfg.planner or str(vlm.tiny_folder(cache_dir() / "tiny-qwen2.5-vl"))
-    return vlm.load(name, dtype=torch.bfloat16 if device == "cuda" else torch.float32, max_pixels=cfg.max_pixels,
-                    **lora)
+    return vlm.load(name, max_pixels=cfg.max_pixels, quantize=cfg.quantize, **lora)
 
 
 def describe_images(samples):
@@ -324,6 +365,16 @@ def run_info():
             "python": sys.version.split()[0], "git_commit": commit or "unknown"}
 
 
+def to_cpu(x):
+    """Nested dicts and lists with every tensor copied to the CPU: a checkpoint that loads on any machine (resume
+    moves LoRA weights and optimizer state back onto the parameters' device)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: to_cpu(v) for k, v in x.items()}
+    return type(x)(map(to_cpu, x)) if isinstance(x, (list, tuple)) else x
+
+
 def save_checkpoint(out, policy, opt, sched, step):
     """adapter/ (peft format, for users) is swapped in from a temporary folder; state.pt (everything resume needs,
     LoRA weights included) is replaced atomically last. A kill at any moment leaves a complete state.pt."""
@@ -336,7 +387,7 @@ def save_checkpoint(out, policy, opt, sched, step):
     os.replace(tmp, out / "adapter")
     shutil.rmtree(old, ignore_errors=True)
     lora = {k: v for k, v in policy.state_dict().items() if "lora_" in k}
-    state = {"step": step, "lora": lora, "opt": opt.state_dict(), "sched": sched.state_dict(),
+    state = {"step": step, "lora": to_cpu(lora), "opt": to_cpu(opt.state_dict()), "sched": sched.state_dict(),
              "rng": torch.get_rng_state()}
     torch.save(state, out / "state.pt.tmp")
     os.replace(out / "state.pt.tmp", out / "state.pt")
@@ -369,7 +420,7 @@ def plot(out, history):
 def main(cfg):
     from tqdm import tqdm
 
-    from reward import Outcome, judge_rewards, paper_rewards
+    from reward import Outcome
     from rollout import completion_logp, decode, plan_grammar, sample_group, stop_ids
 
     if cfg.reward not in ("paper", "outcome", "both", "judge"):
@@ -383,15 +434,16 @@ def main(cfg):
     if cfg.dry_run:
         import memory
         return memory.show(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device: {device}" + ("" if device == "cuda" else " (no CUDA GPU)"))
+    import memory
+    device, dtype, why = memory.pick_device(cfg.device)  # chosen here once; everything below is given them
+    print(f"device: {device} ({why}), planner compute dtype {str(dtype).removeprefix('torch.')}")
     test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)  # the same whatever the seed, so seeds compare
     if cfg.describe:
         describe_images(test)
     if cfg.eval_adapter:
         if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
             raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
-        scores, texts = evaluate(load_policy(cfg, device, cfg.eval_adapter), test, cfg)
+        scores, texts = evaluate(load_policy(cfg, device, dtype, cfg.eval_adapter), test, cfg)
         print(f"{cfg.eval_adapter} on {len(test)} held-out requests: " +
               " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
         return scores
@@ -406,13 +458,13 @@ def main(cfg):
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**asdict(cfg), **run_info()}, indent=2))
     torch.manual_seed(cfg.seed)
-    import memory
     import bitsandbytes  # noqa: F401  imported before the meter starts: library code is not model memory
     import peft  # noqa: F401
     meter, t0 = memory.Meter(device), time.time()
-    planner = load_policy(cfg, device)
+    planner = load_policy(cfg, device, dtype)
     policy, tok = planner.policy, planner.tok
-    print(f"planner: {cfg.preset} in NF4 + LoRA r={cfg.lora_r}, loaded in {time.time() - t0:.1f}s")
+    print(f"planner: {cfg.preset} in {'NF4' if cfg.quantize else 'full precision'} + LoRA r={cfg.lora_r}, "
+          f"loaded in {time.time() - t0:.1f}s")
     if cfg.grad_checkpointing:
         planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         planner.model.enable_input_require_grads()
@@ -438,7 +490,7 @@ def main(cfg):
         log({"phase": phase, "step": step, **scores})
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    if device == "cuda":  # paged 8-bit AdamW: optimizer state in 8 bits, paged out under memory pressure
+    if torch.device(device).type == "cuda":  # paged 8-bit AdamW: state in 8 bits, paged out under memory pressure
         import bitsandbytes as bnb
         opt = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
     else:
@@ -465,7 +517,7 @@ def main(cfg):
             policy.save_pretrained(out / "cold_start")  # the untrained pipeline's planner, for eval.py
         save_checkpoint(out, policy, opt, sched, 0)
 
-    stop, pad, bad = stop_ids(tok), tok.pad_token_id, 0
+    stop, pad, bad = stop_ids(tok, planner.model), tok.pad_token_id, 0
     grammar = plan_grammar(tok) if cfg.constrain else None
     outcome = Outcome(cfg.outcome_size, cfg.outcome_weights) if cfg.reward != "paper" else None
     B, G, longest = cfg.batch_prompts, cfg.group_size, 0
@@ -482,60 +534,44 @@ def main(cfg):
             roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen,
                                 grammar=grammar, vision=vision)
         t_sample = time.time() - t
-        # score all B*G completions in one call; advantages within each group
+        # score all B*G completions in one call (on the CPU), then the one place they move to the policy's device
         texts, golds = decode(tok, roll), [s for s in batch for _ in range(G)]
-        rewards, info = paper_rewards(texts, golds)
-        extra = {}
-        if cfg.reward == "judge":  # the base model, adapter off, scores each plan's edited image
-            t_out = time.time()
-            with meter.phase("judge"):
-                judged, j_info = judge_rewards(planner, outcome, texts, golds)
-            extra = {"paper_reward": round(rewards.mean().item(), 4),
-                     **{k: round(v.nanmean().item(), 4) for k, v in j_info.items() if not v.isnan().all()},
-                     "outcome_seconds": round(time.time() - t_out, 2)}
-            rewards = judged
-        elif outcome is not None:  # failures give that sample 0 and are counted, they never stop the run
-            t_out, runs = time.time(), dict(outcome.counts)
-            out_r, out_info = outcome(texts, golds)
-            extra = {"paper_reward": round(rewards.mean().item(), 4),
-                     **{k: round(v.nanmean().item(), 4) for k, v in out_info.items() if not v.isnan().all()},
-                     "failed_samples": int(out_info["failed"].sum()),
-                     **{k: outcome.counts[k] - runs.get(k, 0) for k in ("agent_errors", "steps_run", "steps_reused")},
-                     "outcome_seconds": round(time.time() - t_out, 2)}
-            rewards = out_r if cfg.reward == "outcome" else cfg.outcome_mix * out_r + (1 - cfg.outcome_mix) * rewards
-        grouped = rewards.view(B, G)                                                  # (B, G)
-        adv = group_advantages(grouped)                                               # (B, G)
-        keep = [b for b in range(B) if grouped[b].std() > 0]                          # groups with signal
+        rewards, info, extra = score(cfg, planner, outcome, meter, texts, golds)
+        rewards = rewards.to(device)
+        adv, signal = group_advantages(rewards.view(B, G), cfg.reward_tol)          # (B, G), (B,)
+        keep = signal.nonzero().flatten().tolist()                                  # groups with signal
         # update: micro-batches of groups, gradients accumulated over the kept groups
         policy.train()
-        meter.begin("update")
-        loss_sum, kl_sum = 0.0, 0.0
-        for i in range(0, len(keep), cfg.micro_groups):
-            gs = keep[i:i + cfg.micro_groups]
-            rows = torch.tensor([b * G + g for b in gs for g in range(G)])
-            ids, mask = roll.ids[rows], roll.mask[rows]
-            sub, vis = [prompts[b] for b in gs], vision and vision.subset(gs)
-            with torch.no_grad(), policy.disable_adapter():
-                ref_logp = completion_logp(policy, sub, ids, mask, pad, G, vis)
-            logp = completion_logp(policy, sub, ids, mask, pad, G, vis)
-            loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv[gs].reshape(-1), mask, cfg.clip, cfg.beta)
-            (loss * len(gs) / len(keep)).backward()
-            loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
-        if not math.isfinite(loss_sum):
+        with meter.phase("update"):
+            loss_sum, kl_sum = 0.0, 0.0
+            for i in range(0, len(keep), cfg.micro_groups):
+                gs = keep[i:i + cfg.micro_groups]
+                rows = torch.tensor([b * G + g for b in gs for g in range(G)], device=device)
+                ids, mask = roll.ids[rows], roll.mask[rows]
+                sub, vis = [prompts[b] for b in gs], vision and vision.subset(gs)
+                with torch.no_grad(), policy.disable_adapter():
+                    ref_logp = completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
+                logp = completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
+                loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv.view(-1)[rows], mask, cfg.clip, cfg.beta)
+                (loss * len(gs) / len(keep)).backward()
+                loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if keep else 0.0
+            # a finite loss can still give an inf/NaN gradient (bf16 overflow): one such step would poison the
+            # LoRA weights and the optimizer's moments for good, so it is skipped
+            finite = math.isfinite(loss_sum) and math.isfinite(norm)
+            if keep and finite:
+                opt.step()
             opt.zero_grad(set_to_none=True)
+        sched.step()  # the schedule follows the step number, skipped or not
+        if not finite:
             bad += 1
-            print(f"step {step + 1}: non-finite loss, step skipped ({bad} in a row)")
+            what = "loss" if not math.isfinite(loss_sum) else f"gradient norm ({norm})"
+            print(f"step {step + 1}: non-finite {what}, step skipped ({bad} in a row)")
             if bad >= cfg.max_bad_steps:
-                raise SystemExit(f"error: non-finite loss {bad} steps in a row; lower lr (now {cfg.lr}) "
+                raise SystemExit(f"error: non-finite {what} {bad} steps in a row; lower lr (now {cfg.lr}) "
                                  f"or check the data. Last checkpoint: {out / 'state.pt'}")
             continue
         bad = 0
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if keep else 0.0
-        if keep:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        meter.end()
-        sched.step()
         n = max(len(keep), 1)
         row = {"phase": "grpo", "step": step + 1, "reward": round(rewards.mean().item(), 4),
                "format": round(info["format"].mean().item(), 4), "f1": round(info["f1"].mean().item(), 4),

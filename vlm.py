@@ -36,7 +36,15 @@ import torch
 MODELS = {"7b": "Qwen/Qwen2.5-VL-7B-Instruct", "3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
 MAX_PIXELS = 448 * 448
 SKIP_4BIT = ["model.visual", "lm_head"]   # kept in dtype: the vision tower and the output layer
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"  # the language model's attention only
+LORA_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")  # the language model's attention only, by default
+
+
+def lora_regex(names=LORA_NAMES):
+    """peft's target_modules for Linear layers called `names` in the language model only (the vision tower has
+    its own q/k/v-like layers, frozen)."""
+    return rf".*language_model.*\.({'|'.join(names)})"
+
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
            "<|video_pad|>"]
 # Qwen2.5-VL's chat format for one image and text, for the tiny model (the real tokenizer ships its own template).
@@ -52,6 +60,26 @@ def hub_error(name, err):
         f"cannot load {name}: it is not a local folder and not in the Hugging Face cache ({type(err).__name__}). "
         f"On a machine with network run `huggingface-cli download {name}` (or unset HF_HUB_OFFLINE), "
         f"or pass a local folder that holds it")
+
+
+def available(name):
+    """(True, where) if the planner `name` can be loaded here: a local folder, a copy in the Hugging Face cache, or
+    the hub answering; else (False, why). Asks the hub (5 s at most) only when the cache has no copy and the hub is
+    not switched off with HF_HUB_OFFLINE=1."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    if (Path(name) / "config.json").exists():
+        return True, f"local folder {name}"
+    weights = ("model.safetensors.index.json", "model.safetensors")
+    if isinstance(try_to_load_from_cache(name, "config.json"), str) and \
+            any(isinstance(try_to_load_from_cache(name, w), str) for w in weights):
+        return True, f"{name} is in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        return False, f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE=1"
+    try:
+        model_info(name, timeout=5)
+    except Exception as e:  # no network, a proxy, a typo: any of them means the planner cannot be had now
+        return False, f"{name} is not in the Hugging Face cache and the hub did not answer ({type(e).__name__})"
+    return True, f"{name} is on the hub (downloaded on first use)"
 
 
 def processor(folder, max_pixels=MAX_PIXELS):
@@ -109,7 +137,10 @@ def tiny_folder(folder, seed=0, hidden=64, layers=2, intermediate=None, vocab=No
     def build(tmp):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp)
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        # as Qwen2.5-VL's own generation_config.json: a completion also stops at <|endoftext|>
+        model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         Qwen2VLImageProcessorPil(max_pixels=MAX_PIXELS).save_pretrained(tmp)
 
@@ -117,7 +148,7 @@ def tiny_folder(folder, seed=0, hidden=64, layers=2, intermediate=None, vocab=No
 
 
 def load(name=MODELS["7b"], lora_r=64, lora_alpha=128, lora_dropout=0.0, adapter=None, device="cpu",
-         dtype=torch.bfloat16, max_pixels=MAX_PIXELS, quantize=True):
+         dtype=torch.bfloat16, max_pixels=MAX_PIXELS, quantize=True, lora_targets=LORA_NAMES):
     """Qwen2.5-VL (a hub id or a folder) as an agents.Planner: NF4 language model + LoRA, frozen vision tower.
     `adapter`: a saved LoRA folder to go on training (or to evaluate) instead of a fresh one."""
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
@@ -140,7 +171,8 @@ def load(name=MODELS["7b"], lora_r=64, lora_alpha=128, lora_dropout=0.0, adapter
         policy = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     else:
         policy = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                  target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+                                                  target_modules=lora_regex(lora_targets),
+                                                  task_type="CAUSAL_LM"))
     return agents.Planner(model=model, tok=proc.tokenizer, policy=policy, processor=proc)
 
 

@@ -6,6 +6,7 @@ import torch
 
 import diffusion
 from agents import Step
+from diffusion import kontext_parts, sd_parts  # noqa: F401  (test_gpu24 imports sd_parts from here)
 from editor import EditError
 
 IMG = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)  # not square, not a multiple of 8
@@ -13,82 +14,16 @@ MASK = np.zeros(IMG.shape[:2], np.float32)
 MASK[10:30, 10:30] = 1
 RECOLOR = Step("recolor", "coat", "scarlet")
 FAST = dict(steps=2, size=32)
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,:;'-!?#"
 
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tiny pipelines. The tokenizers are built in process: one token per character (CLIP BPE without merges, a T5
-# unigram over single characters), which is all a random text encoder needs.
-
-def clip_tokenizer():
-    from transformers import CLIPTokenizer
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-
-
-def t5_tokenizer():
-    from transformers import T5Tokenizer
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -3.0) for c in CHARS] + [("\u2581" + c, -2.5) for c in CHARS]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
-
-
-def clip_text(seed):
-    from transformers import CLIPTextConfig, CLIPTextModel
-    torch.manual_seed(seed)
-    return CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
-                                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                        vocab_size=2 + 2 * len(CHARS), projection_dim=32))
-
-
-def sd_parts(in_channels):
-    """InstructPix2Pix's UNet reads 8 channels (noisy latents + image latents), inpainting's 9 (+ mask)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, sample_size=16,
-                                in_channels=in_channels, out_channels=4, cross_attention_dim=32,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    vae = AutoencoderKL(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    return dict(unet=unet, vae=vae, text_encoder=clip_text(1), tokenizer=clip_tokenizer(),
-                scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
-
-
-def kontext_parts():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    vae = AutoencoderKL(block_out_channels=(4,), layers_per_block=1, latent_channels=1, norm_num_groups=1,
-                        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
-    t5 = T5EncoderModel(T5Config(vocab_size=4 + 2 * len(CHARS), d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                 num_heads=4))
-    return dict(transformer=transformer, vae=vae, text_encoder=clip_text(2), tokenizer=clip_tokenizer(),
-                text_encoder_2=t5, tokenizer_2=t5_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler(),
-                image_encoder=None, feature_extractor=None)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    import diffusers
-    root, out = tmp_path_factory.mktemp("diffusion"), {}
-    for name, parts in [("pix2pix", lambda: sd_parts(8)), ("inpaint", lambda: sd_parts(9)),
-                        ("kontext", kontext_parts)]:
-        cls = getattr(diffusers, diffusion.EDITORS[name].pipeline)  # the class the editor loads with
-        cls(**parts()).save_pretrained(root / name)
-        out[name] = root / name
-    return out
+    root = tmp_path_factory.mktemp("diffusion")
+    return {name: diffusion.tiny_folder(root / name, name) for name in ("pix2pix", "inpaint", "kontext")}
 
 
 def make(name, folder, **kw):

@@ -1,13 +1,17 @@
 """edit.py end to end. The planner is swapped for a fixed answer (its own tests are elsewhere) so that these tests
 check what edit.py does with a plan: the agents, the files it writes, and every kind of bad input."""
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import agents
 import edit
+import vlm
 from data import builtin_image
 
 PLANS = {"face+bg": "<action>brighten; blur</action><subject>face; background</subject><goal>strongly; strongly</goal>",
@@ -19,12 +23,15 @@ PLANS = {"face+bg": "<action>brighten; blur</action><subject>face; background</s
 @pytest.fixture
 def planner_says(monkeypatch):
     """Make the planner answer `text`, without loading a model; `asked` keeps whether it was to be constrained."""
-    asked = []
+    asked, loads = [], []
 
     def say(text):
-        monkeypatch.setattr(edit, "load_planner", lambda preset, adapter, n, model=False, constrain=False, name=None:
-                            asked.append(constrain) or (None, lambda x, d, image: text))
-    say.asked = asked
+        def load(preset, adapter, n, model=False, constrain=False, name=None):
+            asked.append(constrain)
+            loads.append((preset, adapter))
+            return None, lambda x, d, image: text
+        monkeypatch.setattr(edit, "load_planner", load)
+    say.asked, say.loads = asked, loads  # loads: (preset, adapter) of every planner edit.py asked for
     return say
 
 
@@ -124,6 +131,103 @@ def test_adapter_choice(tmp_path, monkeypatch):
     Image.new("RGB", (32, 24), "red").save(img)
     with pytest.raises(SystemExit, match="is not an adapter folder"):
         edit.main([str(img), "blur it", "--adapter", str(tmp_path / "nowhere")])
+
+
+def _adapter(root, name, preset=None, base="", age=0):
+    """runs/<name>/adapter as train.py leaves it: config.json with the preset (if given) beside the adapter,
+    adapter_config.json with peft's base_model_name_or_path; saved `age` hours ago."""
+    folder = root / "runs" / name / "adapter"
+    folder.mkdir(parents=True)
+    if preset:
+        (folder.parent / "config.json").write_text(json.dumps({"preset": preset, "seed": 0}))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    t = 1_700_000_000 - 3600 * age
+    os.utime(folder, (t, t))
+    return folder
+
+
+def test_adapter_preset(tmp_path):
+    cache = tmp_path / ".cache" / "imageedit-r1"
+    cases = {"a": (None, vlm.MODELS["7b"], "gpu24"), "b": (None, vlm.MODELS["3b"], "gpu24"),
+             "c": (None, str(cache / "tiny-qwen2.5-vl"), "tiny_vl"),
+             "d": (None, str(cache / "smollm2-135m-instruct"), "cpu"),
+             "e": (None, str(cache / "smollm2-135m-instruct-nf4-dequantized"), "cpu"),
+             "f": (None, str(cache / "tiny-llama"), "tiny"),
+             "g": ("gpu24", "/models/my-own-qwen", "gpu24"),  # the run's config.json wins over the base
+             "h": (None, "gpt2", None)}
+    for name, (preset, base, want) in cases.items():
+        got, how = edit.adapter_preset(_adapter(tmp_path, name, preset, base))
+        assert got == want, (name, how)
+    assert "config.json" in edit.adapter_preset(tmp_path / "runs" / "g" / "adapter")[1]
+    assert "'gpt2' is not a preset's planner" in edit.adapter_preset(tmp_path / "runs" / "h" / "adapter")[1]
+
+
+def test_newest_adapter_of_the_asked_preset(planner_says, tmp_path, monkeypatch, capsys):
+    """A gpu24 run newer than the cpu one: edit.py's default cpu preset takes the cpu adapter, and says what it
+    skipped. An adapter whose preset cannot be told is skipped too: only an adapter named by hand gets a guess."""
+    monkeypatch.chdir(tmp_path)
+    planner_says(PLANS["flip"])
+    cpu = _adapter(tmp_path, "cpu_run", "cpu", str(tmp_path / "smollm2-135m-instruct"), age=3)
+    gpu = _adapter(tmp_path, "gpu_run", "gpu24", vlm.MODELS["7b"], age=1)
+    _adapter(tmp_path, "odd", None, "gpt2", age=0)
+    _adapter(tmp_path, "tiny_run", None, str(tmp_path / "tiny-qwen2.5-vl"), age=2)
+    assert edit.newest_adapter("runs", "gpu24").resolve() == gpu
+    assert edit.newest_adapter("runs").name == "adapter" and edit.newest_adapter("runs").parent.name == "odd"
+    img = tmp_path / "p.png"
+    Image.new("RGB", (32, 24), "red").save(img)
+    rec = edit.main([str(img), "mirror it", "--no-describe"])
+    assert planner_says.loads == [("cpu", Path("runs/cpu_run/adapter"))] and rec["preset"] == "cpu"
+    assert rec["adapter"] == str(Path("runs/cpu_run/adapter")) and cpu.exists()
+    out = capsys.readouterr().out
+    assert "skipped 3 adapter(s) under runs/ that are not for the cpu preset: 1 gpu24, 1 of unknown preset, " \
+           "1 tiny_vl" in out
+    assert "adapter runs/cpu_run/adapter (newest cpu adapter under runs/)" in out
+    edit.main([str(img), "mirror it", "--no-describe", "--preset=tiny", "--force"])  # no tiny adapter: the base
+    assert planner_says.loads[-1] == ("tiny", None) and "base model, no adapter" in capsys.readouterr().out
+
+
+def test_explicit_adapter_sets_the_preset(planner_says, tmp_path, monkeypatch, capsys):
+    planner_says(PLANS["flip"])
+    img = tmp_path / "p.png"
+    Image.new("RGB", (32, 24), "red").save(img)
+    tiny_vl = _adapter(tmp_path, "tv", "tiny_vl", str(tmp_path / "tiny-qwen2.5-vl"))
+    rec = edit.main([str(img), "mirror it", "--adapter", str(tiny_vl)])
+    assert planner_says.loads == [("tiny_vl", tiny_vl)] and rec["preset"] == "tiny_vl"
+    assert f"preset: tiny_vl (from the adapter's run, {tiny_vl.parent / 'config.json'})" in capsys.readouterr().out
+    # gpu24 taken from the adapter still needs CUDA: refused on a machine without it, before any model loads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu = _adapter(tmp_path, "g", None, vlm.MODELS["7b"])  # no config.json: the base model tells
+    with pytest.raises(SystemExit, match=f"gpu24 preset needs a CUDA GPU.*{gpu} is a gpu24 adapter"):
+        edit.main([str(img), "mirror it", "--adapter", str(gpu), "--force"])
+    assert f"preset: gpu24 (from the adapter's base model {vlm.MODELS['7b']})" in capsys.readouterr().out
+    assert len(planner_says.loads) == 1
+
+
+def test_explicit_adapter_of_another_preset_is_an_error(planner_says, tmp_path):
+    planner_says(PLANS["flip"])
+    img = tmp_path / "p.png"
+    Image.new("RGB", (32, 24), "red").save(img)
+    gpu = _adapter(tmp_path, "g", "gpu24", vlm.MODELS["7b"])
+    for preset in ("cpu", "tiny_vl"):
+        with pytest.raises(SystemExit, match=f"{gpu} was trained for the gpu24 preset .*not for --preset {preset}"):
+            edit.main([str(img), "mirror it", "--adapter", str(gpu), "--preset", preset])
+    assert planner_says.loads == [] and not (tmp_path / "p_edited.png").exists()  # nothing loaded, nothing written
+
+
+def test_explicit_adapter_of_unknown_preset(planner_says, tmp_path, capsys):
+    """Named by hand, an adapter whose preset cannot be told is used with the preset asked for (default cpu), with
+    a warning: the user chose it, and a wrong one fails loudly when merged (agents.merge_lora checks every layer)."""
+    planner_says(PLANS["flip"])
+    img = tmp_path / "p.png"
+    Image.new("RGB", (32, 24), "red").save(img)
+    odd = _adapter(tmp_path, "odd", None, "gpt2")
+    rec = edit.main([str(img), "mirror it", "--adapter", str(odd), "--no-describe"])
+    assert planner_says.loads == [("cpu", odd)] and rec["preset"] == "cpu"
+    out = capsys.readouterr().out
+    assert f"warning: cannot tell which preset {odd} was trained for (no {odd.parent / 'config.json'} and its " \
+           "base model 'gpt2' is not a preset's planner); using it with the cpu planner" in out
+    edit.main([str(img), "mirror it", "--adapter", str(odd), "--preset=tiny", "--no-describe", "--force"])
+    assert planner_says.loads[-1] == ("tiny", odd) and "with the tiny planner" in capsys.readouterr().out
 
 
 def test_tiny_planner_end_to_end(tmp_path, monkeypatch, capsys):

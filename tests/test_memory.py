@@ -78,3 +78,11 @@ def test_estimate_within_20_percent_of_a_measured_run(tmp_path, monkeypatch):
     assert abs(max(measured.values()) / max(planned.values()) - 1) < 0.2
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["peak_gb"] > 0.1 and r["kept_groups"] == 2 for r in rows if r["phase"] == "grpo")
+
+
+def test_editor_parts_count_t5_wo_outside_nf4():
+    """transformers keeps T5's feed-forward output projections (`wo`, its `_keep_in_fp32_modules`) out of 4-bit, and
+    in bf16 for a bf16 load: T5-XXL's encoder is about 3.9 GB, not the 2.5 GB of every Linear in NF4."""
+    parts = memory.editor_parts()
+    (t5,) = [v for k, v in parts.items() if k.startswith("T5-XXL")]
+    assert 3.8 * GB < t5 < 4.4 * GB

@@ -38,9 +38,9 @@ def test_seed_replays_and_logp_matches(tiny):
     tok, stop = tiny.tok, stop_ids(tiny.tok)
     prompts = prompts_of(tok)
 
-    def run(seed):
+    def run(seed, temperature=1.0):
         g = torch.Generator().manual_seed(seed)
-        return sample_group(tiny.policy, prompts, 4, 20, stop, tok.pad_token_id, temperature=1.0, top_p=0.95,
+        return sample_group(tiny.policy, prompts, 4, 20, stop, tok.pad_token_id, temperature=temperature, top_p=0.95,
                             generator=g)
 
     a, b, c = run(1), run(1), run(2)
@@ -53,6 +53,13 @@ def test_seed_replays_and_logp_matches(tiny):
     assert torch.allclose(lp, a.logp, atol=1e-4)
     assert (a.logp[a.mask.bool()] < 0).all() and (a.logp[~a.mask.bool()] == 0).all()
     assert len(decode(tok, a)) == 8
+    # at T != 1 both report the tempered distribution the tokens were drawn from, which the GRPO loss needs
+    hot = run(1, temperature=0.7)
+    with torch.no_grad():
+        lp = completion_logp(tiny.policy, prompts, hot.ids, hot.mask, tok.pad_token_id, group_size=4, temperature=0.7)
+        plain = completion_logp(tiny.policy, prompts, hot.ids, hot.mask, tok.pad_token_id, group_size=4)
+    assert torch.allclose(lp, hot.logp, atol=1e-4)
+    assert not torch.allclose(plain, hot.logp, atol=1e-2)  # temperature-1 log-probs are another distribution
 
 
 def test_stops_at_stop_token(tiny):

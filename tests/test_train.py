@@ -13,8 +13,38 @@ def test_overrides_and_presets(capsys):
         ("tiny", 2, 1.0, ("q_proj",), "x/y")
     assert cfg.group_size == PRESETS["tiny"]["group_size"]  # from the preset
     assert "override: lora_r = 2" in capsys.readouterr().out
-    assert parse_args([]) == Config(preset="cpu")  # auto, on a machine without a CUDA GPU
-    assert "preset: cpu (no CUDA GPU)" in capsys.readouterr().out
+    from train import detect_preset
+    assert parse_args([]) == Config(preset=detect_preset()[0])  # auto: what this machine is meant for
+    assert f"preset: {detect_preset()[0]} (" in capsys.readouterr().out
+
+
+def test_auto_preset_needs_the_gpu24_planner_at_hand(tmp_path, monkeypatch):
+    """A 24 GB GPU alone does not make gpu24 the default: its planner must be cached or the hub reachable."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+
+    from train import detect_preset
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name="RTX 4090",
+                                                                                        total_memory=24 * 2**30))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    preset, why = detect_preset()
+    assert preset == "cpu" and "not in the Hugging Face cache and HF_HUB_OFFLINE=1" in why
+    assert "huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct" in why
+    snap = tmp_path / "models--Qwen--Qwen2.5-VL-7B-Instruct" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("abc")
+    (snap / "config.json").write_text("{}")
+    assert detect_preset()[0] == "cpu"  # a config without weights is not a planner
+    (snap / "model.safetensors.index.json").write_text("{}")
+    preset, why = detect_preset()
+    assert preset == "gpu24" and "in the Hugging Face cache" in why
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name="T4",
+                                                                                        total_memory=16 * 2**30))
+    assert detect_preset() == ("cpu", "T4 has 16 GB, gpu24 needs 20")
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -46,11 +76,20 @@ from train import group_advantages, grpo_loss, lr_factor, main  # noqa: E402
 
 def test_advantages_zero_mean_per_group():
     rewards = torch.tensor([[0.0, 1.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2], [1.0, 0.0, 0.0, 0.0]])  # (B=3, G=4)
-    adv = group_advantages(rewards)
-    assert adv.shape == (3, 4)
+    adv, signal = group_advantages(rewards)
+    assert adv.shape == (3, 4) and signal.tolist() == [True, False, True]
     assert torch.allclose(adv.mean(1), torch.zeros(3), atol=1e-6)
     assert torch.equal(adv[1], torch.zeros(4))  # equal rewards: no signal
     assert adv[0, 1] > 0 > adv[0, 0] and torch.allclose(adv[0].std(), torch.tensor(1.0), atol=1e-3)
+
+
+def test_near_equal_rewards_carry_no_signal():
+    """Eight identical plans judged in bf16 differ in the last bits; that noise must not become +-1 advantages."""
+    noise = torch.tensor([[0.7, 0.7001, 0.6999, 0.7, 0.70004, 0.7, 0.69996, 0.7]])
+    adv, signal = group_advantages(noise, tol=1e-3)
+    assert not signal.any() and torch.equal(adv, torch.zeros(1, 8))
+    adv, signal = group_advantages(noise + torch.tensor([0.0] * 7 + [0.01]), tol=1e-3)  # a real difference
+    assert signal.all() and adv[0, -1] > 2
 
 
 def toy(N=3, T=5, seed=0):
@@ -118,6 +157,16 @@ def test_kl_zero_with_adapter_disabled(tiny_dir):
             torch.nn.init.normal_(m.lora_B["default"].weight, std=0.5)
     logp = completion_logp(p.policy, prompts, r.ids, r.mask, p.tok.pad_token_id, 2)
     assert grpo_loss(logp, logp.detach(), ref, torch.zeros(2), r.mask)[1].item() > 1e-3
+
+
+def test_kl_stays_finite_for_a_forced_token():
+    """A token the reference finds nearly impossible (log-prob -1000) must not make the k3 KL inf."""
+    logp, mask = torch.full((1, 3), -0.5, requires_grad=True), torch.ones(1, 3)
+    ref = torch.tensor([[-0.5, -1000.0, -0.5]])
+    loss, kl = grpo_loss(logp, logp.detach(), ref, torch.ones(1), mask, beta=0.1)
+    assert math.isfinite(kl.item()) and math.isfinite(loss.item()) and kl.item() > 1
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
 
 
 def test_lr_schedule():
@@ -214,6 +263,27 @@ def test_non_finite_loss_stops_with_message(tmp_path, monkeypatch):
                                                              torch.tensor(0.0)))
     with pytest.raises(SystemExit, match="non-finite loss 3 steps in a row"):
         run(tmp_path, monkeypatch, "nan", "--steps=5", "--max_bad_steps=3")
+
+
+def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
+    """A finite loss with an inf gradient norm (bf16 overflow) must not reach opt.step(): the LoRA weights stay as
+    they were, the run stops after max_bad_steps with a message, and the memory meter's thread is ended."""
+    import threading
+
+    import train
+    loaded, load = [], train.load_policy
+    monkeypatch.setattr(train, "load_policy", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, m: real_clip(params, m) * float("inf"))
+    threads = threading.active_count()
+    with pytest.raises(SystemExit, match="non-finite gradient norm \\(inf\\) 2 steps in a row"):
+        run(tmp_path, monkeypatch, "inf", "--steps=3", "--max_bad_steps=2", "--save_every=1")
+    assert threading.active_count() == threads  # no sampling thread left behind
+    rows = [json.loads(x) for x in (tmp_path / "inf" / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["phase"] == "grpo"]  # no step was taken, none logged as one
+    state = torch.load(tmp_path / "inf" / "state.pt", weights_only=False)  # after the cold start, before GRPO
+    now = {k: v for k, v in loaded[0].policy.state_dict().items() if "lora_" in k}
+    assert state["step"] == 0 and all(torch.equal(state["lora"][k], v) for k, v in now.items())
 
 
 def test_trains_on_a_dataset_folder(tmp_path, monkeypatch):

@@ -74,7 +74,7 @@ def test_group_logp_and_grpo_step_changes_only_lora(tiny_vl_dir):
     opt = torch.optim.AdamW(params, lr=1e-2)
     with torch.no_grad(), p.policy.disable_adapter():
         ref = rollout.completion_logp(p.policy, ids, r.ids, r.mask, pad, G, vision)
-    adv = group_advantages(torch.arange(2 * G, dtype=torch.float).view(2, G)).view(-1)
+    adv = group_advantages(torch.arange(2 * G, dtype=torch.float).view(2, G))[0].view(-1)
     loss, _ = grpo_loss(ckpt, ckpt.detach(), ref, adv, r.mask, beta=0.1)
     loss.backward()
     # LoRA B starts at 0, so only the B matrices get a gradient on the first step
@@ -119,3 +119,39 @@ def test_missing_hub_model_names_it_and_how_to_get_it():
     with pytest.raises(RuntimeError, match=r"Qwen/Qwen2.5-VL-7B-Instruct.*huggingface-cli download "
                                            r"Qwen/Qwen2.5-VL-7B-Instruct"):
         vlm.load(vlm.MODELS["7b"])
+
+
+def test_stop_tokens_come_from_the_generation_config(tiny_vl):
+    """Qwen2.5-VL's generation config stops on <|im_end|> and <|endoftext|>; a completion must end at either."""
+    stop = rollout.stop_ids(tiny_vl.tok, tiny_vl.model)
+    names = set(tiny_vl.tok.convert_ids_to_tokens(stop))
+    assert {"<|im_end|>", "<|endoftext|>"} <= names
+    assert tiny_vl.model.generation_config.eos_token_id == tiny_vl.tok.convert_tokens_to_ids(["<|im_end|>",
+                                                                                              "<|endoftext|>"])
+
+
+def test_lora_targets_are_respected(tiny_vl_dir):
+    p = vlm.load(str(tiny_vl_dir), lora_r=2, lora_alpha=4, dtype=torch.float32, lora_targets=("q_proj", "down_proj"))
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in p.policy.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "down_proj"}
+    assert not any(".visual." in n for n, _ in p.policy.named_parameters() if "lora_" in n)  # language model only
+
+
+def test_judge_scores_each_distinct_plan_once(tiny_vl, monkeypatch):
+    """Identical plans of a group share one judge call and so one reward: no bf16 batch noise between them."""
+    from data import make_split
+    from reward import Outcome, format_plan, judge_rewards
+    s = make_split("test", 1)[0]
+    a = format_plan(["brighten"], ["whole image"], ["strongly"])
+    b = format_plan(["blur"], ["whole image"], ["strongly"])
+    calls = []
+    real = vlm.judge
+
+    def judge(planner, requests, befores, afters, batch=6):
+        calls.append(len(requests))
+        return real(planner, requests, befores, afters, batch) + 0.01 * torch.arange(len(requests))[:, None]
+    monkeypatch.setattr(vlm, "judge", judge)
+    rewards, info = judge_rewards(tiny_vl, Outcome(64, quality=False), [a, b, a, "no tags", a], [s] * 5)
+    assert calls == [2]  # two distinct plans judged, once each
+    assert rewards[0] == rewards[2] == rewards[4] != rewards[1] and rewards[3] == 0
+    assert info["parsed"].tolist() == [1, 1, 1, 0, 1] and info["failed"].sum() == 0
