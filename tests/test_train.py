@@ -160,9 +160,10 @@ def test_kl_zero_with_adapter_disabled(tiny_dir):
 
 
 def test_kl_stays_finite_for_a_forced_token():
-    """A token the reference finds nearly impossible (log-prob -1000) must not make the k3 KL inf."""
-    logp, mask = torch.full((1, 3), -0.5, requires_grad=True), torch.ones(1, 3)
-    ref = torch.tensor([[-0.5, -1000.0, -0.5]])
+    """A token the policy's full distribution finds nearly impossible (log-prob -1000: one the plan grammar forced)
+    must not make the k3 KL, exp(ref_logp - logp) - ..., inf."""
+    logp, mask = torch.tensor([[-0.5, -1000.0, -0.5]], requires_grad=True), torch.ones(1, 3)
+    ref = torch.full((1, 3), -0.5)
     loss, kl = grpo_loss(logp, logp.detach(), ref, torch.ones(1), mask, beta=0.1)
     assert math.isfinite(kl.item()) and math.isfinite(loss.item()) and kl.item() > 1
     loss.backward()
