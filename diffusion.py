@@ -69,7 +69,9 @@ def nf4(components, dtype):
     from diffusers import PipelineQuantizationConfig
     return PipelineQuantizationConfig(quant_backend="bitsandbytes_4bit", components_to_quantize=list(components),
                                       quant_kwargs=dict(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                        bnb_4bit_compute_dtype=dtype))
+                                                        bnb_4bit_compute_dtype=dtype,
+                                                        # the absmax's own 8-bit scale: 0.5 GB less on FLUX
+                                                        bnb_4bit_use_double_quant=True))
 
 
 # Instruction editors read commands; "recolor the coat: scarlet" reads worse to them than "make the coat scarlet".

@@ -37,13 +37,15 @@ GPU_CHECK_DIR), then train.py --preset=gpu24 itself, loading that folder: NF4, L
 after them. The reward is the seeded random one (every group updates), and no completion stops early: the worst
 case of the KV cache. The tokenizer is the tiny byte-level one (vlm.tiny_folder): text prompts are longer than with
 Qwen's, and the plan is computed for the prompt length actually seen. Bar: each phase's measured peak within 20% of
-the plan's (memory.py), and the largest under 24 GB. Building the folder needs a GPU with >= 40 GB; on a 24 GB card,
+the plan's (memory.py), and the allocator's reserved peak + 0.5 GB of CUDA context under 23.5 GB, what a 24 GB card
+leaves one process (the allocated peak alone would hide the allocator's cache and fragmentation). Building the folder needs a GPU with >= 40 GB; on a 24 GB card,
 build it elsewhere (`gpu_check.planner_folder(dir, False, "cpu")` works, slowly) and point GPU_CHECK_DIR at it.
 
 flux: configs/flux.1-kontext-dev-transformer.json, random bf16 weights, every Linear of the blocks in NF4 (the layers
 diffusers quantizes), then --flux_steps (28) denoising passes of one 1024 px Kontext edit: the target and reference
 latents (2 x 4096 tokens) with 512 T5 tokens, no grad. Only the transformer: the T5 encoder, CLIP and the VAE run
 before and after it (their sizes: `train.py --preset=gpu24 --dry_run=True`). Bar: the peak within 20% of the plan.
+The 12B transformer is built in bf16 before its blocks are quantized: this check needs a GPU with >= 32 GB.
 
 --tiny runs planner and flux on tiny configs: their bars are reported (INFO rows), not applied, since the plan's
 coefficients are for the GPU (tests/test_memory.py compares the plan with the CPU at sizes where it holds). The other
@@ -283,9 +285,11 @@ def check_flux(out, tiny, steps, device, dtype, size=1024, text_tokens=512, size
     t = time.time()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: a 12B model in fp32 first would need twice the memory
-    with torch.device(device):
-        model = FluxTransformer2DModel.from_config(config)
-    torch.set_default_dtype(default)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
     for blocks in (model.transformer_blocks, model.single_transformer_blocks):
         nf4_linears(blocks, dtype)
     agents._no_avx512_repack(model)  # on CPUs with AVX512-BF16 bitsandbytes would repack (and here break) the weights
@@ -317,21 +321,26 @@ def size(b):
     return f"{b / GB:.2f} GB" if b >= GB / 10 else f"{b / 2**20:.1f} MB"  # tiny configs measure megabytes
 
 
+CUDA_CONTEXT = 0.5 * GB  # the CUDA context and kernels: in nvidia-smi, not in torch's counters
+
+
 def against_plan(mem, limit=None):
-    """(measured text, problems) of measured vs planned peaks per phase: each within 20%, the largest under `limit`."""
+    """(measured text, problems) of measured vs planned peaks per phase: each within 20%; and what must fit the card,
+    the allocator's reserved peak (allocated + its cache and fragmentation; the allocated peak where there is no
+    such counter) + the CUDA context, under `limit`."""
     err = {p: v / mem["estimated"][p] - 1 for p, v in mem["measured"].items() if p in mem["estimated"]}
-    peak = max(mem["measured"].values())
+    peak = max(mem.get("reserved", mem["measured"]).values()) + CUDA_CONTEXT
     problems = [f"{p} {e:+.0%} off the plan" for p, e in err.items() if abs(e) > 0.2]
     if limit and peak >= limit:
-        problems.append(f"peak {size(peak)} is not under {size(limit)}")
+        problems.append(f"reserved peak + CUDA context {size(peak)} is not under {size(limit)}")
     text = ", ".join(f"{p} {size(v)} / {size(mem['estimated'][p])} ({err[p]:+.0%})"
                      for p, v in mem["measured"].items() if p in err) + " measured / planned"
-    return text + (f"; peak {size(peak)}" if limit else ""), problems
+    return text + (f"; reserved peak + context {size(peak)}" if limit else ""), problems
 
 
 def run_planner(ctx):
     mem = check_planner(ctx.out, ctx.tiny, ctx.models, ctx.device)
-    text, problems = against_plan(mem, 24 * GB)
+    text, problems = against_plan(mem, 23.5 * GB)  # what a 24 GB card (24564 MiB) leaves to one process
     return {"measured": f"{mem['device']}: {text}", "problems": problems, "details": mem}
 
 
@@ -357,7 +366,8 @@ CHECKS = {
                           f"edit.py --preset=tiny_vl --editor={e}: a tiny random {e} pipeline edits a region",
                           "output at the input's size, the step ran, on the device", False) for e in EDITORS},
     "planner": Check(lambda ctx: run_planner(ctx), "train.py --preset=gpu24: Qwen2.5-VL-7B (random) in NF4 + LoRA, "
-                     "2 GRPO steps, 32-prompt evals", "each phase within 20% of the plan, peak < 24 GB", True),
+                     "2 GRPO steps, 32-prompt evals", "each phase within 20% of the plan; reserved peak + 0.5 GB context "
+                     "< 23.5 GB", True),
     "flux": Check(lambda ctx: run_flux(ctx), "FLUX.1-Kontext transformer (random) in NF4: one 1024 px edit",
                   "peak within 20% of the plan", True),
 }

@@ -104,7 +104,8 @@ def estimate(cfg, config, prompt_len, device="cuda"):
     t, vis = model.config.text_config, model.config.vision_config
     H, I, V, L = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers
     kv_tok = L * 2 * t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
-    b = 2 if device == "cuda" else 4
+    cuda = torch.device(device).type == "cuda"  # "cuda:1" too
+    b = 2 if cuda else 4
     w, largest = weights(model, b)
     targets = re.compile(lora_regex(cfg.lora_targets))
     n_lora = sum(cfg.lora_r * (m.in_features + m.out_features) for n, m in model.named_modules()
@@ -122,7 +123,7 @@ def estimate(cfg, config, prompt_len, device="cuda"):
     logit = 12 + (b if b != 4 else 0)
     parts = {  # name: (bytes, what it is)
         "weights": (w, "planner weights"),
-        "lora": ((4 + (2 if device == "cuda" else 8)) * n_lora, "LoRA weights + optimizer state"),
+        "lora": ((4 + (2 if cuda else 8)) * n_lora, "LoRA weights + optimizer state"),
         "lora_grad": (4 * n_lora, "LoRA gradients"),
         "prompt_kv": (B * P * kv_tok * b, f"prompt KV cache ({B} prompts)"),
         "group_kv": (B * G * S * kv_tok * b, f"group KV cache ({B}x{G} x {S} tokens)"),
@@ -236,6 +237,8 @@ def report(meter, cfg, planner, out, prompt_len=None):
     """Print the measured peak of each phase next to the plan's, and write both to out/memory.json."""
     measured = dict(meter.peaks)
     rows = {"device": meter.device, "measured": measured, "seconds": {p: round(v, 1) for p, v in meter.seconds.items()}}
+    if meter.reserved:  # on a GPU: what the allocator held, which is what must fit the card
+        rows["reserved"] = dict(meter.reserved)
     if planner.processor is not None:  # the plan covers the VLM planner
         config = {k: v for k, v in planner.model.config.to_dict().items() if k != "quantization_config"}
         prompt_len = prompt_len or prompt_tokens(cfg, planner.tok)
@@ -268,8 +271,9 @@ class Meter:
     allocations are large and live for milliseconds or more, so the sampling sees them."""
 
     def __init__(self, device):
-        self.device, self.peaks, self.seconds = device, {}, {}
-        if device != "cuda":
+        self.device, self.peaks, self.seconds, self.reserved = device, {}, {}, {}
+        self.cuda = torch.device(device).type == "cuda"
+        if not self.cuda:
             self.base = live_tensor_bytes()  # what the process held before the meter: not the run's
             import ctypes
 
@@ -292,9 +296,9 @@ class Meter:
         """Start measuring phase `name` (ends at `end()`); a phase measured several times keeps its largest peak."""
         import threading
         self.current, self.t = name, time.time()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
             return
         self._live, self._start = live_tensor_bytes(), self._heap()
         self._top, self._stop = self._start, threading.Event()
@@ -302,9 +306,11 @@ class Meter:
         self._thread.start()
 
     def end(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved[self.current] = max(self.reserved.get(self.current, 0),
+                                              torch.cuda.max_memory_reserved(self.device))
         else:
             self._stop.set()
             self._thread.join()

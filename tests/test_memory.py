@@ -86,3 +86,12 @@ def test_editor_parts_count_t5_wo_outside_nf4():
     parts = memory.editor_parts()
     (t5,) = [v for k, v in parts.items() if k.startswith("T5-XXL")]
     assert 3.8 * GB < t5 < 4.4 * GB
+
+
+def test_a_numbered_cuda_device_is_planned_as_cuda():
+    """--device=cuda:0 is a GPU too: bf16 weights and 8-bit optimizer state, as for "cuda"."""
+    from train import parse_args
+    cfg = parse_args(["--preset=gpu24", "--dry_run=True"])
+    config = memory.planner_config(memory.QWEN_7B)
+    cuda0, cuda, cpu = (memory.estimate(cfg, config, 400, d)["parts"] for d in ("cuda:0", "cuda", "cpu"))
+    assert cuda0 == cuda != cpu
