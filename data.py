@@ -141,10 +141,17 @@ def builtin_image(name, size=256):
 
 
 def open_image(path):
-    """Open an image file upright (EXIF orientation applied), fully loaded, in its own mode."""
+    """Open an image file upright (EXIF orientation applied), fully loaded, in its own mode. An animated or
+    multi-page file gives its first frame."""
     p = pathlib.Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise DataError(f"{p} is a folder, not an image file")
+    if not p.exists():
         raise DataError(f"image {p} not found")
+    if not p.is_file():
+        raise DataError(f"{p} is not a regular file (a device, pipe or socket), not an image file")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p} is empty (0 bytes), not an image")
     try:
         with Image.open(p) as im:
             im.load()  # Image.open is lazy: without this a truncated file would fail later, far from its name
@@ -429,17 +436,34 @@ def write_folder(samples, out_dir):
     return out
 
 
+def _canonical_actions(actions, where):
+    """Labelled actions by their canonical names: a synonym the reward accepts ("lighten") becomes its action
+    ("brighten"); anything else is refused, since no plan could match it and the cold start would teach it."""
+    from reward import normalize  # reward imports torch: only a labelled folder needs it
+    out = [normalize(a, "action") for a in actions]
+    unknown = [a for a, c in zip(actions, out) if c not in ACTIONS]
+    if unknown:
+        raise DataError(f"{where}: unknown action {', '.join(map(repr, unknown))}; the actions are "
+                        f"{', '.join(ACTIONS)} (or a synonym of one in reward.SYNONYMS)")
+    return out
+
+
 def read_folder(path):
     """Read a dataset folder into samples {"file_name", "image_path", "instruction"}, plus "action", "subject",
-    "goal" and "target_path" when present. Paths are absolute strings; blank lines are skipped."""
+    "goal" and "target_path" when present. Paths are absolute strings; blank lines are skipped; actions are given
+    by their canonical names (ACTIONS)."""
     root = pathlib.Path(path)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
     meta = root / "metadata.jsonl"
     if not meta.is_file():
         raise DataError(f"dataset folder {root} has no metadata.jsonl")
+    try:
+        text = meta.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{meta} is not UTF-8 text (byte {e.start}); it should hold one JSON object a line") from e
     samples = []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         where = f"{meta}:{n}"
         if not line.strip():
             continue
@@ -459,6 +483,8 @@ def read_folder(path):
                 if not (root / row[key]).is_file():
                     raise DataError(f"{where}: {what} {row[key]} not found")
                 sample[out_key] = str((root / row[key]).resolve())
+        if "action" in row:
+            row["action"] = _canonical_actions(row["action"], where)
         samples.append(sample | {k: row[k] for k in LABELS if k in row})
     if not samples:
         raise DataError(f"{meta} has no samples")

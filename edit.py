@@ -16,9 +16,16 @@ applied to the full-resolution image.
 
 Writes: the edited image (`--out`, default `<image>_edited.png` beside the input), a JSON trace beside it
 (`<out>.json`: plan, order, every step's region, agent, time and error, the agents loaded), and with `--compare` a
-side-by-side picture (`<out>_compare.png`). Nothing is overwritten without `--force`, and never the input.
+side-by-side picture (`<out>_compare.png`). Nothing is overwritten without `--force`, and never the input (not
+through a symlink or hard link either). Every check of the arguments, the adapter and the output paths and format
+runs before any model loads, so a mistake costs no waiting.
 On the cpu preset the planner decodes under rollout.PlanGrammar (`--no-constrain` turns it off): it can only name
 actions and goals the CPU editor has, so its plan always runs.
+
+An animated or multi-page image (GIF, APNG, WebP, TIFF, MPO) is edited on its first frame only, and the output is a
+still; the screen and the trace (`frames_in`) say how many frames the input had. Why not every frame: the planner
+and the region agents look at one picture, a mask found anew on each frame would flicker, and the time would grow
+with the frame count; why not refuse: the user would have to extract the first frame to get the same result.
 
 Adapter and preset: an adapter only goes with the planner it was trained on, whose preset is read from its run's
 config.json (train.py writes it), else from the base model in its adapter_config.json. With no `--adapter`, the
@@ -55,10 +62,14 @@ BASE_FOLDERS = {"smollm2-135m-instruct": "cpu", "tiny-llama": "tiny", "tiny-qwen
 
 
 def _json(path):
+    """A JSON object from a file, or exit naming the file (a folder or random bytes in its place too)."""
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         sys.exit(f"error: {path} is not valid JSON ({e}); fix or remove it")
+    if not isinstance(data, dict):
+        sys.exit(f"error: {path} holds a JSON {type(data).__name__}, not an object; fix or remove it")
+    return data
 
 
 def adapter_preset(adapter):
@@ -119,21 +130,70 @@ def choose_adapter(args, root="runs"):
     return newest_adapter(root, preset), preset
 
 
+def check_adapter(adapter):
+    """Exit, before any model loads, if an adapter's weights are missing or not a safetensors file (random bytes, a
+    copy cut short): safetensors' own error ("header too large") names no file. Reads the header only."""
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        sys.exit(f"error: {adapter} has no adapter_model.safetensors (the LoRA weights train.py saves)")
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(weights, "np") as f:
+            f.keys()
+    except SafetensorError as e:
+        sys.exit(f"error: {weights} is damaged, not a safetensors file ({e}); copy the adapter again or retrain it")
+
+
+KEEPS_ALPHA = (".png", ".webp", ".tif", ".tiff")  # output formats that keep the input's transparency (RGBA)
+
+
+def check_format(out):
+    """Exit unless PIL can write `out`'s format in the mode edit.py gives it: RGB, and RGBA for KEEPS_ALPHA. PIL
+    reads about 70 extensions but writes fewer: .psd, .xpm, .fits have no writer, .xbm and .palm take only 1-bit or
+    palette images, .h5 and .grib need a plugin. A 1-pixel trial save into memory tells, before any work."""
+    import io
+
+    from PIL import Image
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
+        sys.exit(f"error: cannot write {out}: unknown image extension {out.suffix!r} (use .png or .jpg)")
+    if fmt not in Image.SAVE:
+        sys.exit(f"error: cannot write {out}: PIL reads {fmt} images but cannot write them (use .png or .jpg)")
+    for mode in ("RGB", "RGBA") if out.suffix.lower() in KEEPS_ALPHA else ("RGB",):
+        try:
+            Image.new(mode, (1, 1)).save(io.BytesIO(), fmt)
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: cannot write {out}: PIL cannot save an {mode} image as {fmt} ({e}); use .png or .jpg")
+
+
+def _tmp(path):
+    """The temporary name save_atomic writes `path` through."""
+    return path.with_name(f".{path.name}.tmp{path.suffix}")
+
+
 def output_paths(args):
-    """(image, trace, compare) paths; errors out before any work if one would overwrite something."""
+    """(image, trace, compare) paths. Exits before any work if one of them, or the temporary file it is written
+    through, is the input (by name, symlink or hard link; with --force too), is a folder, exists without --force,
+    or cannot be written."""
     src = Path(args.image)
     out = Path(args.out) if args.out else src.with_name(f"{src.stem}_edited.png")
-    from PIL import Image
-    if out.suffix.lower() not in Image.registered_extensions():
-        sys.exit(f"error: cannot write {out}: unknown image extension {out.suffix!r} (use .png or .jpg)")
-    if out.exists() and out.resolve() == src.resolve():
-        sys.exit(f"error: --out {out} is the input image; edit.py never writes over its input")
+    check_format(out)
     paths = (out, out.with_suffix(".json"), out.with_name(f"{out.stem}_compare.png") if args.compare else None)
+    for p, what in zip(paths, ("--out", "the trace", "the compare picture")):
+        for q in (p, _tmp(p)) if p else ():  # samefile: the same file by name, through a symlink or a hard link
+            if q.exists() and src.exists() and os.path.samefile(q, src):
+                sys.exit(f"error: {q} ({what if q == p else 'the temporary file of ' + what}) is the input image; "
+                         "edit.py never writes over its input, choose another --out")
+    folders = [str(p) for p in paths if p is not None and p.is_dir()]
+    if folders:
+        sys.exit(f"error: cannot write {folders[0]}: it is a folder; choose another --out")
     taken = [str(p) for p in paths if p is not None and p.exists()]
     if taken and not args.force:
         sys.exit(f"error: {', '.join(taken)} already exists; pass --force to overwrite or choose another --out")
     if not out.parent.is_dir():
         sys.exit(f"error: cannot write {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        sys.exit(f"error: cannot write {out}: folder {out.parent} is not writable")
     return paths
 
 
@@ -167,7 +227,7 @@ def compare_picture(before, after, instruction, trace):
 
 def save_atomic(write, path):
     """Write to a temporary name, then rename: an interrupted run never leaves half a file at `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    tmp = _tmp(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -231,11 +291,15 @@ def main(argv=None):
                     help="let the planner write only actions and goals the CPU editor reads (default: cpu preset)")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     args = ap.parse_args(argv)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
     t_start = time.time()
 
     instruction = check_instruction(args.instruction)
     preset_given = args.preset is not None
     adapter, args.preset = choose_adapter(args)
+    if adapter:
+        check_adapter(adapter)
     if args.preset == "gpu24":  # also when the preset came from the adapter
         import torch
         if not torch.cuda.is_available():
@@ -253,7 +317,11 @@ def main(argv=None):
     except DataError as e:
         sys.exit(f"error: {e}")
     rgb, alpha = to_rgb(original)
-    print(f"image: {args.image} ({rgb.width}x{rgb.height}, mode {original.mode})")
+    from PIL import Image
+    with Image.open(args.image) as im:  # open_image kept the first frame; count them all to say so
+        frames = getattr(im, "n_frames", 1)
+    print(f"image: {args.image} ({rgb.width}x{rgb.height}, mode {original.mode}"
+          + (f"; {frames} frames, only the first is edited" if frames > 1 else "") + ")")
 
     import warnings
 
@@ -327,9 +395,8 @@ def main(argv=None):
     if all("error" in r for r in trace):
         sys.exit("error: no step could be applied (see above); nothing was written")
 
-    from PIL import Image
     result = Image.fromarray(edited)
-    if alpha is not None and out.suffix.lower() in (".png", ".webp", ".tif", ".tiff"):
+    if alpha is not None and out.suffix.lower() in KEEPS_ALPHA:
         geometry = agents.agent("retouch").GEOMETRY
         moves = [s for s, r in zip(steps, trace) if s.action in geometry and "error" not in r]
         if moves:  # transparency survives the edit, and moves with the crops, turns and flips that ran
@@ -339,7 +406,7 @@ def main(argv=None):
     seconds["total"] = round(time.time() - t_start, 2)
     record = {"image": str(args.image), "instruction": instruction, "preset": args.preset, "editor": editor_name,
               "regions": region_name,
-              "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height],
+              "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height], "frames_in": frames,
               "size_out": [result.width, result.height], "description": description, "planner_output": text,
               "constrained": constrain,
               "plan": {k: plan[k] for k in ("action", "subject", "goal")}, "sequencing": how, "steps": trace,

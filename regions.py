@@ -26,10 +26,6 @@ RapidOCR can read (not handwriting). Models see a copy of at most 512 px (grabCu
 masks come back at the image's own size. Models come only from agents.agent(name), so a subject loads only the
 agents it needs and tests can swap in fakes.
 """
-import os
-
-os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's glog noise; set before anything imports mediapipe
-
 from dataclasses import dataclass
 
 import cv2

@@ -4,6 +4,7 @@ Train the decomposition agent (the planner) with GRPO, on one machine.
     python train.py                          # the cpu preset: SmolLM2-135M in 4-bit + LoRA, on any machine
     python train.py --preset=tiny --steps=4  # a random tiny model, seconds
     python train.py --seed=1 --out_dir=runs/seed1 --resume=True   # any Config field as --key=value
+    python train.py --help                   # every Config field with its default and what it does
     python train.py --train_dir=my_data/train --eval_dir=my_data/test     # your own metadata.jsonl folders
     python train.py --eval_adapter=runs/default/adapter                  # only score a saved adapter
     python train.py --preset=gpu24 --dry_run=True    # the memory plan of a config (memory.py); no GPU needed
@@ -36,7 +37,8 @@ printed and passed down; rewards are made on the CPU and cross to the device at 
 Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, memory.json, reward.png,
 adapter/ (peft), cold_start/ (the adapter after the cold start, before GRPO), state.pt (LoRA weights, optimizer,
 scheduler, step, RNG). Checkpoints are written atomically every `save_every` steps and at the end;
-`--resume=True` continues from the last one.
+`--resume=True` continues from the last one, with the run's settings: only those in RESUMABLE (steps, lr, ...) may
+differ from config.json.
 """
 import ast
 import json
@@ -188,12 +190,15 @@ def detect_preset():
 
 
 def parse_args(argv):
-    """--key=value overrides on top of a preset. Values are Python literals, else strings. Unknown keys and
-    wrong types are errors that name the key."""
+    """--key=value overrides on top of a preset. Values are Python literals, else strings. Unknown keys, wrong
+    types and values out of range are errors that name the key; -h or --help prints the fields and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        raise SystemExit(0)
     kv = {}
     for a in argv:
         if not a.startswith("--") or "=" not in a:
-            raise SystemExit(f"error: arguments are --key=value, got {a!r}")
+            raise SystemExit(f"error: arguments are --key=value (or --help), got {a!r}")
         k, v = a[2:].split("=", 1)
         try:
             v = ast.literal_eval(v)
@@ -226,7 +231,88 @@ def parse_args(argv):
         raise SystemExit("error: the gpu24 preset needs a CUDA GPU with about 24 GB, and this machine has none. "
                          "Use --preset=cpu (the default here), --preset=tiny_vl to run gpu24's code on a tiny "
                          "random model, or --preset=gpu24 --dry_run=True to see its memory plan")
+    validate(cfg)
     return cfg
+
+
+def usage():
+    """The text of --help: the commands of the docstring, then every Config field with its default and comment,
+    read from Config's source so that the comments stay the one place where a field is explained."""
+    import inspect
+    import io
+    import tokenize
+    src = inspect.getsource(Config)
+    names = {n.lineno: n.target.id for n in ast.parse(src).body[0].body if isinstance(n, ast.AnnAssign)}
+    notes = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+             for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    indent = min(col for row, (col, _) in notes.items() if row not in names)  # a section comment's column
+    defaults, width = asdict(Config()), 40
+    lines = ["usage: python train.py [--key=value ...]   (values are Python literals, else strings)\n",
+             __doc__.strip().split("\n\n")[1],
+             f"\npresets (--preset=..., each overrides some defaults below; see PRESETS): {', '.join(PRESETS)}"]
+    heading = False
+    for row in range(1, len(src.splitlines()) + 1):
+        col, note = notes.get(row, (0, ""))
+        if row in names:
+            v = defaults[names[row]]
+            flag = f"  --{names[row]}={v if isinstance(v, str) else repr(v)}"
+            lines.append(f"{flag.ljust(width)} {note}".rstrip())
+        elif note and col > indent:  # a comment that goes on from the field above
+            lines.append(" " * width + f" {note}")
+        elif note:  # a section heading, maybe of several lines
+            lines.append(("" if heading else "\n") + f"# {note}")
+        heading = bool(note) and row not in names and col <= indent
+    return "\n".join(lines)
+
+
+def validate(cfg):
+    """Every field's range, checked before anything loads or is written: a bad value must not cost a model load,
+    nor leave a run folder that refuses the corrected command. Each error names the field, its value and the range."""
+    def need(key, ok, allowed):
+        if not ok:
+            raise SystemExit(f"error: {key}={getattr(cfg, key)!r} is out of range; allowed: {allowed}")
+
+    def number(v):
+        return type(v) in (int, float) and math.isfinite(v)
+
+    for k in ("lora_r", "lora_alpha", "train_n", "sft_batch", "steps", "batch_prompts", "max_new_tokens",
+              "micro_groups", "max_bad_steps", "eval_n", "eval_batch", "eval_every", "save_every"):
+        need(k, getattr(cfg, k) >= 1, "an int >= 1")
+    for k in ("seed", "sft_n", "sft_steps", "warmup"):
+        need(k, getattr(cfg, k) >= 0, "an int >= 0")
+    for k in ("lr", "sft_lr", "temperature", "clip", "grad_clip"):
+        need(k, number(getattr(cfg, k)) and getattr(cfg, k) > 0, "a finite number > 0")
+    for k in ("beta", "reward_tol"):
+        need(k, number(getattr(cfg, k)) and getattr(cfg, k) >= 0, "a finite number >= 0")
+    need("group_size", cfg.group_size >= 2, "an int >= 2 (GRPO compares the completions of a prompt with each "
+                                            "other; a group of one never has a signal)")
+    need("top_p", 0 < cfg.top_p <= 1, "a number in (0, 1]")
+    need("lora_dropout", 0 <= cfg.lora_dropout < 1, "a number in [0, 1)")
+    need("outcome_mix", 0 <= cfg.outcome_mix <= 1, "a number in [0, 1]")
+    need("outcome_weights", len(cfg.outcome_weights) == 3 and all(number(w) and w >= 0 for w in cfg.outcome_weights)
+         and sum(cfg.outcome_weights) > 0, "3 weights >= 0, not all 0 (target, preserve, quality)")
+    need("outcome_size", cfg.outcome_size >= 32, "an int >= 32 (pixels a side)")
+    need("max_pixels", cfg.max_pixels >= 28 * 28, "an int >= 784 (Qwen2.5-VL's images are cut in 28 x 28 blocks)")
+    need("image_size", cfg.image_size >= 28, "an int >= 28 (Qwen2.5-VL's images are cut in 28 x 28 blocks)")
+    need("lora_targets", cfg.lora_targets and all(isinstance(t, str) and t for t in cfg.lora_targets),
+         "a non-empty tuple of module names, e.g. ('q_proj', 'v_proj')")
+    need("out_dir", cfg.out_dir.strip(), "a folder")
+    need("preset", cfg.preset in PRESETS, ", ".join(PRESETS))
+    need("planner", not cfg.planner or cfg.preset in VLM_PRESETS, f"'' with preset {cfg.preset} (only the VLM "
+                                                                   f"presets {', '.join(VLM_PRESETS)} read it)")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except RuntimeError:
+            need("device", False, "auto, cpu, cuda or cuda:N")
+    need("reward", cfg.reward in ("paper", "outcome", "both", "judge"), "paper, outcome, both or judge")
+    if (cfg.reward == "judge" or cfg.eval_judge) and cfg.preset not in VLM_PRESETS:
+        raise SystemExit(f"error: reward=judge and eval_judge need a VLM planner (preset gpu24 or tiny_vl), not "
+                         f"{cfg.preset}: the judge is the planner's own base model, looking at the images")
+    need("sft_n", cfg.sft_n <= cfg.train_n // 10, f"at most 10% of train_n={cfg.train_n}, {cfg.train_n // 10} (the "
+                                                  "cold start only teaches the format, the RL must do the rest)")
+    need("sft_n", cfg.sft_n >= 1 or not cfg.sft_steps, f">= 1 with sft_steps={cfg.sft_steps} (or sft_steps=0: no "
+                                                        "cold start)")
 
 
 def evaluate(planner, samples, cfg):
@@ -315,16 +401,18 @@ def describe_images(samples):
     return samples
 
 
-def load_requests(folder, split, n, seed):
-    """Labelled requests: the first n of a dataset folder, or n built-in ones of a split."""
+def load_requests(folder, split, n, seed, at_least=1):
+    """Labelled requests: the first n of a dataset folder (its whole metadata.jsonl read and checked, labels
+    included), or n built-in ones of a split. Fewer than `at_least` is an error."""
     from data import DataError, make_split, read_folder
     rows = read_folder(folder)[:n] if folder else make_split(split, n, seed=seed)
-    if not rows:
-        raise DataError(f"no {split} requests: n={n}" + (f", folder {folder}" if folder else ""))
     for r in rows:
         if "action" not in r:
             raise DataError(f"{folder}/metadata.jsonl: {r['file_name']} has no action/subject/goal labels; "
                             "the paper's reward needs them")
+    if len(rows) < at_least:
+        raise DataError(f"{len(rows)} {split} requests (n={n}" + (f", folder {folder}" if folder else "") +
+                        f"), and at least {at_least} are needed" + (" (batch_prompts)" if at_least > 1 else ""))
     return rows
 
 
@@ -375,22 +463,95 @@ def to_cpu(x):
     return type(x)(map(to_cpu, x)) if isinstance(x, (list, tuple)) else x
 
 
+def tidy_checkpoint(out):
+    """Clear what a kill inside save_checkpoint leaves behind. .adapter.old is deleted only while adapter/ exists,
+    so an .adapter.old without adapter/ is the complete previous adapter (killed between the two renames): it is
+    put back. Partial .adapter.tmp and state.pt.tmp are deleted."""
+    import shutil
+    tmp, old, adapter = out / ".adapter.tmp", out / ".adapter.old", out / "adapter"
+    if old.exists() and not adapter.exists():
+        os.replace(old, adapter)
+    for d in (old, tmp):
+        if d.exists():
+            shutil.rmtree(d)
+    (out / "state.pt.tmp").unlink(missing_ok=True)
+
+
 def save_checkpoint(out, policy, opt, sched, step):
     """adapter/ (peft format, for users) is swapped in from a temporary folder; state.pt (everything resume needs,
-    LoRA weights included) is replaced atomically last. A kill at any moment leaves a complete state.pt."""
+    LoRA weights included) is replaced atomically last. A kill at any moment leaves a complete state.pt, and
+    whatever else it leaves is cleared by the next save (tidy_checkpoint)."""
     import shutil
-    tmp, old = out / ".adapter.tmp", out / ".adapter.old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old, adapter = out / ".adapter.tmp", out / ".adapter.old", out / "adapter"
+    tidy_checkpoint(out)
     policy.save_pretrained(tmp)
-    if (out / "adapter").exists():
-        os.replace(out / "adapter", old)
-    os.replace(tmp, out / "adapter")
-    shutil.rmtree(old, ignore_errors=True)
+    if adapter.exists():
+        os.replace(adapter, old)
+    os.replace(tmp, adapter)
+    if old.exists():
+        shutil.rmtree(old)
     lora = {k: v for k, v in policy.state_dict().items() if "lora_" in k}
     state = {"step": step, "lora": to_cpu(lora), "opt": to_cpu(opt.state_dict()), "sched": sched.state_dict(),
              "rng": torch.get_rng_state()}
     torch.save(state, out / "state.pt.tmp")
     os.replace(out / "state.pt.tmp", out / "state.pt")
+
+
+def load_checkpoint(out, policy, opt, sched):
+    """Load out/state.pt into the policy's LoRA weights, the optimizer and the scheduler, set the RNG, and return
+    its step. weights_only=True: a checkpoint holds tensors and plain values, nothing that runs code on load. Every
+    LoRA weight of the policy must be in it with its shape, and nothing else: load_state_dict(strict=False) alone
+    would skip a missing one silently (the base model's weights are never in it, so strict=True cannot be used)."""
+    import pickle
+    path = out / "state.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        why = str(e).split("\n")[0]
+        raise SystemExit(f"error: cannot load {path} ({type(e).__name__}: {why}); a checkpoint of train.py holds "
+                         "tensors and plain values only, and loads with weights_only=True") from e
+    mine, saved = {k: v for k, v in policy.state_dict().items() if "lora_" in k}, state["lora"]
+    missing, extra = sorted(mine.keys() - saved.keys()), sorted(saved.keys() - mine.keys())
+    shape = [f"{k} {tuple(saved[k].shape)} here {tuple(mine[k].shape)}" for k in sorted(mine.keys() & saved.keys())
+             if saved[k].shape != mine[k].shape]
+    if missing or extra or shape:
+        raise SystemExit(f"error: {path} does not fit this planner's LoRA adapter: " + "; ".join(
+            f"{len(v)} {what} (first: {v[0]})" for what, v in (("missing", missing), ("unexpected", extra),
+                                                                ("of another shape", shape)) if v))
+    policy.load_state_dict(saved, strict=False)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+# On resume these may differ from the run's config.json: they decide how long and how fast it goes on, where and in
+# how much memory, not what was trained on what. Every other field must match (a new field too, until it is added
+# here): it changes the model, the data, the prompts, the cold start already done, or what a logged number means.
+RESUMABLE = ("resume", "out_dir", "device", "dry_run", "eval_adapter", "steps", "lr", "warmup", "grad_clip",
+             "max_bad_steps", "micro_groups", "grad_checkpointing", "eval_every", "eval_batch", "eval_judge",
+             "save_every")
+
+
+def resumed_config(out, cfg):
+    """The config.json of a resumed run: its saved settings checked against cfg, refused with every differing field
+    listed; else cfg's settings with the run info of its start kept and this resume (changes, versions) added."""
+    path = out / "config.json"
+    if not path.exists():
+        raise SystemExit(f"error: --resume=True but {path} is missing, so the run's settings cannot be checked")
+    saved, now = json.loads(path.read_text()), json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as saved
+    differ = [f"{k}: saved {saved.get(k, '(none)')!r}, now {v!r}" for k, v in now.items()
+              if k not in RESUMABLE and saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: --resume=True with settings that differ from {path}:\n  " + "\n  ".join(differ) +
+                         "\nthey change the model, the data or what the logged numbers mean; pass the saved values, "
+                         "or start a new run in another --out_dir")
+    changed = {k: [saved.get(k), v] for k, v in now.items() if k != "resume" and saved.get(k) != v}
+    for k, (a, b) in changed.items():
+        print(f"resume: {k} {a!r} -> {b!r}")
+    start = {k: v for k, v in saved.items() if k not in now}  # versions and git commit at the run's start
+    start["resumes"] = start.get("resumes", []) + [{"changed": changed, **run_info()}]
+    return {**now, **start}
 
 
 def plot(out, history):
@@ -423,14 +584,7 @@ def main(cfg):
     from reward import Outcome
     from rollout import completion_logp, decode, plan_grammar, sample_group, stop_ids
 
-    if cfg.reward not in ("paper", "outcome", "both", "judge"):
-        raise SystemExit(f"error: reward={cfg.reward!r}; choose paper, outcome, both or judge")
-    if (cfg.reward == "judge" or cfg.eval_judge) and cfg.preset not in VLM_PRESETS:
-        raise SystemExit(f"error: reward=judge and eval_judge need a VLM planner (preset gpu24 or tiny_vl), not "
-                         f"{cfg.preset}: the judge is the planner's own base model, looking at the images")
-    if len(cfg.outcome_weights) != 3 or min(cfg.outcome_weights) < 0 or not 0 <= cfg.outcome_mix <= 1:
-        raise SystemExit(f"error: outcome_weights={cfg.outcome_weights} wants 3 weights >= 0 (target, preserve, "
-                         f"quality) and outcome_mix={cfg.outcome_mix} a number in [0, 1]")
+    validate(cfg)  # parse_args did too; a Config built in code is checked here
     if cfg.dry_run:
         import memory
         return memory.show(cfg)
@@ -438,25 +592,36 @@ def main(cfg):
     device, dtype, why = memory.pick_device(cfg.device)  # chosen here once; everything below is given them
     print(f"device: {device} ({why}), planner compute dtype {str(dtype).removeprefix('torch.')}")
     test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)  # the same whatever the seed, so seeds compare
-    if cfg.describe:
-        describe_images(test)
     if cfg.eval_adapter:
         if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
             raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
+        if cfg.describe:
+            describe_images(test)
         scores, texts = evaluate(load_policy(cfg, device, dtype, cfg.eval_adapter), test, cfg)
         print(f"{cfg.eval_adapter} on {len(test)} held-out requests: " +
               " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
         return scores
-    if cfg.sft_n > cfg.train_n // 10:
-        raise SystemExit(f"error: sft_n={cfg.sft_n} is more than 10% of train_n={cfg.train_n}; the cold start "
-                         "only teaches the format, the RL must do the rest")
+    # Everything that can be refused is checked before the planner loads and before the run folder is touched: the
+    # data (both splits, labels included), the run folder's state, a resume's settings, the images (described).
+    train = load_requests(cfg.train_dir, "train", cfg.train_n, seed=cfg.seed, at_least=cfg.batch_prompts)
     out = Path(cfg.out_dir)
     if cfg.resume and not (out / "state.pt").exists():
         raise SystemExit(f"error: --resume=True but {out / 'state.pt'} does not exist")
     if not cfg.resume and (out / "state.pt").exists():
         raise SystemExit(f"error: {out} already holds a run; pass --resume=True or choose another --out_dir")
+    config = resumed_config(out, cfg) if cfg.resume else {**asdict(cfg), **run_info()}
+    if cfg.describe:
+        t0 = time.time()
+        describe_images(test)
+        describe_images(train)
+        print(f"perception text for {len({s.get('image_path') or s['image'] for s in train})} images in "
+              f"{time.time() - t0:.0f}s, e.g. {train[0]['description']!r}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), **run_info()}, indent=2))
+    if cfg.resume:
+        tidy_checkpoint(out)
+    elif (out / "metrics.jsonl").exists():  # a run killed before its first checkpoint: its rows are not this run's
+        (out / "metrics.jsonl").unlink()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(cfg.seed)
     import bitsandbytes  # noqa: F401  imported before the meter starts: library code is not model memory
     import peft  # noqa: F401
@@ -468,12 +633,6 @@ def main(cfg):
     if cfg.grad_checkpointing:
         planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         planner.model.enable_input_require_grads()
-    train = load_requests(cfg.train_dir, "train", cfg.train_n, seed=cfg.seed)
-    if cfg.describe:
-        t0 = time.time()
-        describe_images(train)
-        print(f"perception text for {len({s.get('image_path') or s['image'] for s in train})} images in "
-              f"{time.time() - t0:.0f}s, e.g. {train[0]['description']!r}")
     metrics = out / "metrics.jsonl"
 
     def log(row):
@@ -498,12 +657,12 @@ def main(cfg):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
     start, history = 0, []
     if cfg.resume:
-        state = torch.load(out / "state.pt", weights_only=False)
-        policy.load_state_dict(state["lora"], strict=False)
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+        start = load_checkpoint(out, policy, opt, sched)
+        # lr, warmup and steps may differ from the saved run's (RESUMABLE): the saved optimizer and scheduler would
+        # silently keep the old lr, so the schedule goes on from the saved step with the new ones
+        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+        for g in opt.param_groups:
+            g["initial_lr"], g["lr"] = cfg.lr, cfg.lr * lr_factor(sched.last_epoch, cfg.warmup, cfg.steps)
         # drop what the interrupted run logged after its last checkpoint: those steps are done again
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
         history = [r for r in rows if r["step"] <= start]

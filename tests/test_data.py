@@ -237,6 +237,24 @@ def test_read_folder_errors(tmp_path, lines, message):
         data.read_folder(make_folder(tmp_path / "ds", lines))
 
 
+def test_read_folder_refuses_unknown_actions_and_names_synonyms_canonically(tmp_path):
+    def line(actions):
+        return json.dumps({"file_name": "img/a.png", "instruction": "x", "action": actions,
+                           "subject": ["whole image"] * len(actions), "goal": ["slightly"] * len(actions)})
+    root = make_folder(tmp_path / "synonyms", [line(["Lighten"]), line(["black and white", "blur"])])
+    assert [s["action"] for s in data.read_folder(root)] == [["brighten"], ["grayscale", "blur"]]
+    with pytest.raises(DataError, match=r"metadata.jsonl:2: unknown action 'teleport'; the actions are brighten, "
+                                        r"darken, .*, replace background \(or a synonym"):
+        data.read_folder(make_folder(tmp_path / "bad", [line(["blur"]), line(["blur", "teleport"])]))
+
+
+def test_read_folder_refuses_a_metadata_file_that_is_not_text(tmp_path):
+    root = make_folder(tmp_path / "binary", [GOOD])
+    (root / "metadata.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(DataError, match="metadata.jsonl is not UTF-8 text"):
+        data.read_folder(root)
+
+
 def test_read_folder_missing_parts_and_blank_lines(tmp_path):
     with pytest.raises(DataError, match="dataset folder .*nowhere does not exist"):
         data.read_folder(tmp_path / "nowhere")

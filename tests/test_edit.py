@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import agents
 import edit
@@ -97,6 +98,115 @@ def test_refuses_to_overwrite(planner_says, photo, tmp_path):
         run(photo, "mirror it", "--out", tmp_path / "x.txt")
 
 
+def test_never_writes_over_the_input(planner_says, photo, tmp_path):
+    """Not by the compare picture, the trace or a temporary file either, nor through a symlink or a hard link;
+    with --force too, and before the planner loads."""
+    planner_says(PLANS["flip"])
+    d = tmp_path / "x"
+    d.mkdir()
+    cases = {"a_compare.png": ["--out", d / "a.png", "--compare"],  # the compare picture: x/a_compare.png
+             "a.json": ["--out", d / "a.png"],  # the trace: x/a.json (PIL reads a PNG by its bytes, not its name)
+             ".a.png.tmp.png": ["--out", d / "a.png"],  # save_atomic's temporary file
+             "link.png": ["--out", d / "b.png"]}  # b.png: a symlink, then a hard link to the input
+    for name, argv in cases.items():
+        src = d / name
+        src.write_bytes(photo.read_bytes())
+        if name == "link.png":
+            (d / "b.png").symlink_to(src)
+        for _ in range(2):
+            with pytest.raises(SystemExit, match=rf"^error: {d}/{name if name != 'link.png' else 'b.png'} .*is the "
+                                                 "input image; edit.py never writes over its input"):
+                run(src, "mirror it", *argv, "--force", "--no-describe")
+            assert src.read_bytes() == photo.read_bytes(), name
+            if name == "link.png" and (d / "b.png").is_symlink():
+                (d / "b.png").unlink()
+                os.link(src, d / "b.png")
+        assert not [p for p in d.iterdir() if p.name not in cases and p.name != "b.png"], name
+    assert planner_says.loads == []
+
+
+def test_damaged_adapter_is_named(planner_says, tmp_path):
+    """An adapter_model.safetensors of random bytes, cut short or missing: one line naming the file, before any
+    model loads (safetensors' own "header too large" names none)."""
+    planner_says(PLANS["flip"])
+    img = _save(Image.new("RGB", (32, 24), "red"), tmp_path / "p.png")
+    ada = _adapter(tmp_path, "r", "cpu", str(tmp_path / "smollm2-135m-instruct"))
+    weights = ada / "adapter_model.safetensors"
+    save_file({"x.lora_A.weight": torch.zeros(4, 8)}, weights)
+    good = weights.read_bytes()
+    for data, why in [(np.random.default_rng(0).bytes(4096), "header too large"),
+                      (good[:-8], "file not fully covered"), (b"", "header too small")]:
+        weights.write_bytes(data)
+        with pytest.raises(SystemExit, match=rf"^error: {weights} is damaged, not a safetensors file \(.*{why}"):
+            edit.main([str(img), "mirror it", "--adapter", str(ada)])
+    weights.unlink()
+    with pytest.raises(SystemExit, match=rf"^error: {ada} has no adapter_model.safetensors"):
+        edit.main([str(img), "mirror it", "--adapter", str(ada)])
+    (ada.parent / "config.json").unlink()  # so that the preset is read from adapter_config.json, here bytes
+    (ada / "adapter_config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SystemExit, match=rf"^error: {ada}/adapter_config.json is not valid JSON"):
+        edit.main([str(img), "mirror it", "--adapter", str(ada)])
+    assert planner_says.loads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["p.png", "runs"]
+
+
+def test_output_formats_pil_can_write(planner_says, photo, tmp_path):
+    """Every extension PIL knows: edit.py either refuses it before any work, or PIL writes an RGB image (and RGBA
+    where edit.py keeps transparency) to it. .psd used to run the whole edit and end in KeyError: 'PSD'."""
+    from pathlib import Path as P
+    refused = []
+    for ext in sorted(Image.registered_extensions()):
+        try:
+            edit.check_format(P(f"x{ext}"))
+        except SystemExit as e:
+            assert str(e).startswith(f"error: cannot write x{ext}: ") and "\n" not in str(e), ext
+            refused.append(ext)
+            continue
+        for mode in ("RGB", "RGBA") if ext in edit.KEEPS_ALPHA else ("RGB",):
+            Image.new(mode, (40, 30), "red").save(tmp_path / f"x{ext}")  # raises if the check let a bad one by
+    assert {".psd", ".xbm", ".palm", ".msp", ".blp", ".h5", ".grib", ".xpm", ".fits"} <= set(refused)
+    assert not {".png", ".jpg", ".webp", ".tif", ".gif", ".bmp"} & set(refused)
+    planner_says(PLANS["flip"])
+    for ext, why in [(".psd", "PIL reads PSD images but cannot write them"),
+                     (".xbm", "PIL cannot save an RGB image as XBM")]:
+        with pytest.raises(SystemExit, match=rf"^error: cannot write .*out{ext}: {why}"):
+            run(photo, "mirror it", "--out", tmp_path / f"out{ext}", "--no-describe")
+    assert planner_says.loads == [] and not list(tmp_path.glob("out*"))
+
+
+def test_animated_image_first_frame(planner_says, tmp_path, capsys):
+    """A 3-frame GIF: its first frame is edited and written, and the screen and the trace say so."""
+    planner_says(PLANS["flip"])
+    frames = []
+    for left, right in [("red", "blue"), ("green", "white"), ("black", "yellow")]:
+        im = Image.new("RGB", (40, 30), left)
+        im.paste(right, (20, 0, 40, 30))
+        frames.append(im)
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    rec = run(gif, "mirror it", "--no-describe")
+    assert rec["frames_in"] == 3 and "(40x30, mode P; 3 frames, only the first is edited)" in capsys.readouterr().out
+    out = np.asarray(Image.open(rec["output"]).convert("RGB"))
+    assert np.array_equal(out, np.asarray(frames[0])[:, ::-1])
+    assert json.loads(Path(rec["output"]).with_suffix(".json").read_text())["frames_in"] == 3
+    assert run(tmp_path / "anim_edited.png", "mirror it", "--no-describe")["frames_in"] == 1
+
+
+def test_no_log_noise_on_stderr(tmp_path):
+    """A real run with perception (MediaPipe's face and selfie models, RapidOCR) and the face agent, in a fresh
+    process, writes nothing to stderr: MediaPipe's C++ used to write four lines of TFLite and absl log there."""
+    import subprocess
+    import sys
+    img = _save(builtin_image("astronaut", 256), tmp_path / "a.png")
+    plan = "<action>brighten</action><subject>face</subject><goal>slightly</goal>"
+    code = ("import sys, edit; plan = sys.argv.pop(); edit.load_planner = lambda *a, **k: (None, lambda x, d, im: "
+            "plan); edit.main(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", code, str(img), "brighten his face", "--base", plan],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(Path(edit.__file__).parent)})
+    assert r.returncode == 0 and "wrote" in r.stdout and "face" in r.stdout, r.stdout + r.stderr
+    assert r.stderr == ""
+
+
 def test_bad_inputs(planner_says, photo, tmp_path):
     planner_says(PLANS["flip"])
     with pytest.raises(SystemExit, match="not found"):
@@ -109,6 +219,14 @@ def test_bad_inputs(planner_says, photo, tmp_path):
     cut.write_bytes(photo.read_bytes()[:5000])
     with pytest.raises(SystemExit, match="truncated or corrupt"):
         run(cut, "blur it")
+    (tmp_path / "shots.png").mkdir()  # a folder and an empty file: said as such, not "not found", "not an image"
+    with pytest.raises(SystemExit, match=r"shots.png is a folder, not an image file$"):
+        run(tmp_path / "shots.png", "blur it")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"empty.png is empty \(0 bytes\), not an image$"):
+        run(tmp_path / "empty.png", "blur it")
+    for p in ("shots.png", "empty.png"):
+        (tmp_path / p).unlink() if p == "empty.png" else (tmp_path / p).rmdir()
     for words, why in [("   ", "instruction is empty"), ("!!! ???", "has no words"), ("a" * 1001, "under 1000")]:
         with pytest.raises(SystemExit, match=why):
             run(photo, words)
@@ -135,12 +253,14 @@ def test_adapter_choice(tmp_path, monkeypatch):
 
 def _adapter(root, name, preset=None, base="", age=0):
     """runs/<name>/adapter as train.py leaves it: config.json with the preset (if given) beside the adapter,
-    adapter_config.json with peft's base_model_name_or_path; saved `age` hours ago."""
+    adapter_config.json with peft's base_model_name_or_path, a (here empty) adapter_model.safetensors; saved `age`
+    hours ago."""
     folder = root / "runs" / name / "adapter"
     folder.mkdir(parents=True)
     if preset:
         (folder.parent / "config.json").write_text(json.dumps({"preset": preset, "seed": 0}))
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    save_file({}, folder / "adapter_model.safetensors")
     t = 1_700_000_000 - 3600 * age
     os.utime(folder, (t, t))
     return folder

@@ -1,5 +1,9 @@
 import json
 import math
+import os
+import re
+import shutil
+from dataclasses import fields
 
 import pytest
 import torch
@@ -57,6 +61,59 @@ def test_auto_preset_needs_the_gpu24_planner_at_hand(tmp_path, monkeypatch):
 def test_bad_overrides(argv, msg):
     with pytest.raises(SystemExit, match=msg):
         parse_args(argv)
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("--lr=-1", "lr=-1.0 is out of range; allowed: a finite number > 0"),
+    ("--lr=1e999", "lr=inf is out of range; allowed: a finite number > 0"),
+    ("--batch_prompts=0", "batch_prompts=0 is out of range; allowed: an int >= 1"),
+    ("--group_size=1", "group_size=1 is out of range; allowed: an int >= 2"),
+    ("--temperature=0", "temperature=0.0 is out of range; allowed: a finite number > 0"),
+    ("--top_p=1.5", r"top_p=1.5 is out of range; allowed: a number in \(0, 1\]"),
+    ("--outcome_mix=-0.1", r"outcome_mix=-0.1 is out of range; allowed: a number in \[0, 1\]"),
+    ("--lora_dropout=1", r"lora_dropout=1.0 is out of range; allowed: a number in \[0, 1\)"),
+    ("--outcome_weights=(1, 2)", r"outcome_weights=\(1, 2\) is out of range; allowed: 3 weights >= 0"),
+    ("--outcome_weights=(0, 0, 0)", r"outcome_weights=\(0, 0, 0\) is out of range; allowed: 3 weights >= 0, not all"),
+    ("--reward=magic", "reward='magic' is out of range; allowed: paper, outcome, both or judge"),
+    ("--sft_n=0", "sft_n=0 is out of range; allowed: >= 1 with sft_steps=2"),
+    ("--seed=-1", "seed=-1 is out of range; allowed: an int >= 0"),
+    ("--eval_every=0", "eval_every=0 is out of range; allowed: an int >= 1"),
+    ("--beta=-0.1", "beta=-0.1 is out of range; allowed: a finite number >= 0"),
+    ("--device=tpu", "device='tpu' is out of range; allowed: auto, cpu, cuda or cuda:N"),
+    ("--max_pixels=100", "max_pixels=100 is out of range; allowed: an int >= 784"),
+    ("--lora_targets=()", r"lora_targets=\(\) is out of range; allowed: a non-empty tuple"),
+    ("--planner=org/model", "planner='org/model' is out of range; allowed: '' with preset tiny"),
+])
+def test_settings_out_of_range_are_refused(arg, msg):
+    """Each error names the field, its value and the allowed range, at parse time: before anything loads."""
+    with pytest.raises(SystemExit, match=msg):
+        parse_args(["--preset=tiny", arg])
+
+
+def test_bad_settings_stop_before_anything_loads_or_is_written(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the planner was loaded"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="batch_prompts=0 is out of range"):
+        main(parse_args(["--preset=tiny", f"--out_dir={out}", "--batch_prompts=0"]))
+    cfg = parse_args(["--preset=tiny", f"--out_dir={out}"])
+    cfg.lr = -1.0  # a Config changed in code: main checks it too
+    with pytest.raises(SystemExit, match="lr=-1.0 is out of range"):
+        main(cfg)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_field_with_its_default_and_comment(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--preset=tiny", flag])
+    assert e.value.code in (0, None)  # exit status 0
+    out = capsys.readouterr().out
+    assert all(f"  --{f.name}=" in out for f in fields(Config))
+    assert re.search(r"\n  --group_size=8 +G completions per prompt\n", out)  # Config's defaults, not the preset's
+    assert re.search(r"\n  --lr=0.0003 +GRPO learning rate \(the paper's 1e-6 is for full 7B weights", out)
+    assert re.search(r"\n +editor reads \(rollouts, evaluation and edit.py alike\)\n", out)  # a comment's 2nd line
+    assert "\n# supervised cold start (format only)\n" in out and "python train.py --preset=tiny --steps=4" in out
 
 
 def test_evaluate_scores_heldout(tiny):
@@ -224,12 +281,125 @@ def test_resume_replays_the_same_run(tmp_path, monkeypatch):
     assert cfg["resume"] is True and "git_commit" in cfg and "torch" in cfg
 
 
+def test_resume_checks_its_settings_against_the_run(tmp_path, monkeypatch, capsys):
+    """--resume=True with a setting that changes the model or the data is refused, every differing field listed,
+    before config.json is touched; settings that may change are printed, take effect and are recorded."""
+    from train import lr_factor
+    run(tmp_path, monkeypatch, "a", "--steps=2")
+    out = tmp_path / "a"
+    saved = (out / "config.json").read_text()
+    with pytest.raises(SystemExit, match="settings that differ from") as e:
+        run(tmp_path, monkeypatch, "a", "--steps=2", "--resume=True", "--lora_r=8", "--seed=1")
+    assert "lora_r: saved 4, now 8" in str(e.value) and "seed: saved 0, now 1" in str(e.value)
+    assert (out / "config.json").read_text() == saved
+    capsys.readouterr()
+    grpo, _ = run(tmp_path, monkeypatch, "a", "--resume=True", "--steps=3", "--lr=0.005")
+    printed = capsys.readouterr().out
+    assert "resume: steps 2 -> 3" in printed and "resume: lr 0.01 -> 0.005" in printed
+    assert [r["step"] for r in grpo] == [1, 2, 3]
+    assert grpo[-1]["lr"] == pytest.approx(0.005 * lr_factor(3, 3, 3))  # the new lr, not the checkpoint's
+    cfg, first = json.loads((out / "config.json").read_text()), json.loads(saved)
+    assert (cfg["steps"], cfg["lr"], cfg["resume"]) == (3, 0.005, True)
+    assert (cfg["git_commit"], cfg["torch"]) == (first["git_commit"], first["torch"])  # the run's start
+    assert cfg["resumes"][0]["changed"] == {"steps": [2, 3], "lr": [0.01, 0.005]}
+    assert "git_commit" in cfg["resumes"][0]
+    state = torch.load(out / "state.pt", weights_only=True)  # a checkpoint that lacks a LoRA weight
+    key = sorted(state["lora"])[0]
+    del state["lora"][key]
+    torch.save(state, out / "state.pt")
+    with pytest.raises(SystemExit, match=f"does not fit this planner's LoRA adapter: 1 missing \\(first: {key}"):
+        run(tmp_path, monkeypatch, "a", "--resume=True", "--steps=4")
+
+
+class Payload:  # a class a checkpoint would need to load: unpickling it may run code
+    pass
+
+
+def checkpoint_parts(tiny_dir, r=4, bits8=False):
+    """A tiny policy with a LoRA adapter of rank r, its optimizer (bitsandbytes' 8-bit one, as on a GPU, or
+    AdamW) after two steps, and the scheduler."""
+    from agents import load_planner
+    from train import lr_factor
+    policy = load_planner("tiny", folder=tiny_dir, lora_r=r, lora_alpha=2 * r).policy
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if bits8:
+        import bitsandbytes as bnb
+        opt = bnb.optim.PagedAdamW8bit(params, lr=1e-2, weight_decay=0.0, min_8bit_size=64)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 2, 10))
+    for _ in range(2):
+        sum((p ** 2).sum() + p.sum() for p in params).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return policy, opt, sched
+
+
+@pytest.mark.parametrize("bits8", [False, True])
+def test_checkpoint_loads_with_weights_only(tiny_dir, tmp_path, bits8):
+    """state.pt holds tensors and plain values only: the LoRA weights, the optimizer state (AdamW, or the GPU's
+    8-bit paged AdamW), the scheduler and the RNG all come back through torch.load(weights_only=True)."""
+    from train import load_checkpoint, save_checkpoint
+    policy, opt, sched = checkpoint_parts(tiny_dir, bits8=bits8)
+    save_checkpoint(tmp_path, policy, opt, sched, 2)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state) == {"step", "lora", "opt", "sched", "rng"} and state["opt"]["state"]
+    again, opt2, sched2 = checkpoint_parts(tiny_dir, bits8=bits8)
+    assert load_checkpoint(tmp_path, again, opt2, sched2) == 2
+    assert sched2.last_epoch == sched.last_epoch and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert str(opt2.state_dict()) == str(opt.state_dict())
+
+
+def test_load_checkpoint_refuses_what_does_not_fit(tiny_dir, tmp_path):
+    """weights_only=True: a state.pt that needs a class to load is refused. LoRA weights are checked key by key and
+    shape by shape: load_state_dict(strict=False) alone would skip a missing one silently."""
+    from train import load_checkpoint, save_checkpoint
+    policy, opt, sched = checkpoint_parts(tiny_dir)
+    save_checkpoint(tmp_path, policy, opt, sched, 3)
+    assert load_checkpoint(tmp_path, policy, opt, sched) == 3
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    torch.save({**state, "note": Payload()}, tmp_path / "state.pt")
+    with pytest.raises(SystemExit, match=r"cannot load .*state.pt \(UnpicklingError"):
+        load_checkpoint(tmp_path, policy, opt, sched)
+    key = sorted(state["lora"])[0]
+    fewer, more = {k: v for k, v in state["lora"].items() if k != key}, {**state["lora"], "x.lora_A": torch.zeros(1)}
+    for lora, msg in [(fewer, f"1 missing \\(first: {key}\\)"), (more, r"1 unexpected \(first: x.lora_A\)")]:
+        torch.save({**state, "lora": lora}, tmp_path / "state.pt")
+        with pytest.raises(SystemExit, match="does not fit this planner's LoRA adapter: " + msg):
+            load_checkpoint(tmp_path, policy, opt, sched)
+    torch.save(state, tmp_path / "state.pt")
+    with pytest.raises(SystemExit, match=f"does not fit this planner's LoRA adapter: {len(state['lora'])} of another"):
+        load_checkpoint(tmp_path, *checkpoint_parts(tiny_dir, r=8))
+
+
+def test_save_checkpoint_clears_what_a_kill_left(tiny_dir, tmp_path):
+    from train import save_checkpoint
+    policy, opt, sched = checkpoint_parts(tiny_dir)
+    save_checkpoint(tmp_path, policy, opt, sched, 1)
+    # killed inside rmtree(.adapter.old), with half-written temporary files: every later save used to fail
+    shutil.copytree(tmp_path / "adapter", tmp_path / ".adapter.old")
+    (tmp_path / ".adapter.old" / "adapter_config.json").unlink()
+    (tmp_path / ".adapter.tmp").mkdir()
+    (tmp_path / ".adapter.tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / "state.pt.tmp").write_bytes(b"half")
+    save_checkpoint(tmp_path, policy, opt, sched, 2)
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "state.pt"]
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 2
+    # killed between the two renames: no adapter/, the complete previous one in .adapter.old; it is put back
+    os.replace(tmp_path / "adapter", tmp_path / ".adapter.old")
+    from train import tidy_checkpoint
+    tidy_checkpoint(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "state.pt"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
 def test_adapter_loads_with_peft(tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     run(tmp_path, monkeypatch, "r")
     from agents import load_planner
-    trained = torch.load(tmp_path / "r" / "state.pt", weights_only=False)["lora"]
+    trained = torch.load(tmp_path / "r" / "state.pt", weights_only=True)["lora"]
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "cache" / "imageedit-r1" / "tiny-llama")
     peft_model = PeftModel.from_pretrained(base, tmp_path / "r" / "adapter")
     loaded = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
@@ -254,7 +424,7 @@ def test_refuses_to_overwrite_and_bad_resume(tmp_path, monkeypatch):
         run(tmp_path, monkeypatch, "a")
     with pytest.raises(SystemExit, match="state.pt does not exist"):
         run(tmp_path, monkeypatch, "b", "--resume=True")
-    with pytest.raises(SystemExit, match="more than 10% of train_n"):
+    with pytest.raises(SystemExit, match="sft_n=30 is out of range; allowed: at most 10% of train_n=40, 4"):
         run(tmp_path, monkeypatch, "c", "--sft_n=30")
 
 
@@ -282,7 +452,7 @@ def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
     assert threading.active_count() == threads  # no sampling thread left behind
     rows = [json.loads(x) for x in (tmp_path / "inf" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r["phase"] == "grpo"]  # no step was taken, none logged as one
-    state = torch.load(tmp_path / "inf" / "state.pt", weights_only=False)  # after the cold start, before GRPO
+    state = torch.load(tmp_path / "inf" / "state.pt", weights_only=True)  # after the cold start, before GRPO
     now = {k: v for k, v in loaded[0].policy.state_dict().items() if "lora_" in k}
     assert state["step"] == 0 and all(torch.equal(state["lora"][k], v) for k, v in now.items())
 
@@ -303,6 +473,36 @@ def test_trains_on_a_dataset_folder(tmp_path, monkeypatch):
         run(tmp_path, monkeypatch, "h", f"--eval_dir={tmp_path / 'nolabels'}")
 
 
+def test_bad_data_is_refused_before_the_planner_loads(tmp_path, monkeypatch):
+    """A missing folder, a broken metadata.jsonl, an unknown action or too few requests for a batch: reported
+    before the planner loads and before the run folder (config.json) is written."""
+    import train
+    from data import DataError, make_split, write_folder
+    monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the planner was loaded first"))
+
+    def folder(name, n, edit=None):
+        root = write_folder(make_split("train", n), tmp_path / name)
+        rows = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+        lines = [json.dumps(edit(r) if edit and i == 1 else r) for i, r in enumerate(rows)]
+        (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        return root
+
+    broken = folder("broken", 3)
+    with open(broken / "metadata.jsonl", "a") as f:
+        f.write('{"file_name": "img/0000.png", "instruction": \n')
+    teleport = folder("teleport", 3, lambda r: {**r, "action": ["teleport"] + r["action"][1:]})
+    out = tmp_path / "run"
+    for args, msg in [([f"--train_dir={tmp_path / 'nowhere'}"], "dataset folder .*nowhere does not exist"),
+                      ([f"--eval_dir={broken}"], "metadata.jsonl:4: invalid JSON"),
+                      ([f"--train_dir={teleport}"], "metadata.jsonl:2: unknown action 'teleport'; the actions are "
+                                                    "brighten, darken"),
+                      ([f"--train_dir={folder('small', 3)}", "--batch_prompts=4"],
+                       r"3 train requests .*at least 4 are needed \(batch_prompts\)")]:
+        with pytest.raises(DataError, match=msg):
+            main(parse_args(["--preset=tiny", f"--out_dir={out}", *args]))
+        assert not out.exists()
+
+
 def test_sigkill_between_checkpoints_loses_nothing_checkpointed(tmp_path):
     import os
     import signal
@@ -318,14 +518,14 @@ def test_sigkill_between_checkpoints_loses_nothing_checkpointed(tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if (out / "state.pt").exists() and torch.load(out / "state.pt", weights_only=False)["step"] >= 3:
+            if (out / "state.pt").exists() and torch.load(out / "state.pt", weights_only=True)["step"] >= 3:
                 break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    state = torch.load(out / "state.pt", weights_only=False)  # complete and loadable, whatever moment the kill hit
+    state = torch.load(out / "state.pt", weights_only=True)  # complete and loadable, whatever moment the kill hit
     assert state["step"] % 3 == 0 and state["step"] >= 3
     assert (out / "adapter" / "adapter_config.json").exists()
     subprocess.run(cmd + ["--resume=True"], cwd=root, env=env, check=True, capture_output=True)
