@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from agents import load_planner
+from planner import load_planner
 from rollout import build_prompt, left_pad, sample_group
 
 
@@ -119,7 +119,9 @@ def edit(adapter=None, request="make his face brighter and blur the background s
 def sequencer(n=40):
     """How the zero-shot sequencing model (SmolLM2 base, adapter off) orders the test split's multi-edit plans:
     how often its answer is usable, and how often it respects the stage order the rules encode."""
-    from agents import STAGE, load_planner, sequence
+    from agents import sequence
+    from planner import load_planner
+    from plan import STAGE
     from data import make_split
     planner = load_planner("cpu", dequantized=True)
     plans = [s for s in make_split("test", 200) if len(s["action"]) > 1][:n]
@@ -140,13 +142,14 @@ def outcome(adapter=None, groups=10):
     `groups` held-out requests, as in training. Targets and gold masks are built first (once per image in
     training); then each group is scored by a fresh scorer without any cache, and by one scorer with its caches,
     in training order."""
-    from edit import newest_adapter
+    from planner import newest_adapter
     from reward import Outcome, format_plan
     from rollout import decode, stop_ids
-    from train import describe_images, load_requests
+    from data import load_requests
+    from regions import describe_requests
     adapter = adapter or newest_adapter(preset="cpu")
     planner = load_planner("cpu", adapter=adapter, dequantized=True)
-    tests = describe_images(load_requests("", "test", groups, seed=0))
+    tests = describe_requests(load_requests("", "test", groups, seed=0))
     g = torch.Generator().manual_seed(0)
     texts = []
     for s in tests:

@@ -34,6 +34,8 @@ import zlib
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from plan import normalize
+
 ACTIONS = ["brighten", "darken", "increase contrast", "decrease contrast", "saturate", "desaturate", "grayscale",
            "sepia", "warm", "cool", "recolor", "blur", "sharpen", "denoise", "remove", "crop", "rotate", "flip",
            "vignette", "add grain", "pixelate", "replace background"]
@@ -439,12 +441,11 @@ def write_folder(samples, out_dir):
 def _canonical_actions(actions, where):
     """Labelled actions by their canonical names: a synonym the reward accepts ("lighten") becomes its action
     ("brighten"); anything else is refused, since no plan could match it and the cold start would teach it."""
-    from reward import normalize  # reward imports torch: only a labelled folder needs it
     out = [normalize(a, "action") for a in actions]
     unknown = [a for a, c in zip(actions, out) if c not in ACTIONS]
     if unknown:
         raise DataError(f"{where}: unknown action {', '.join(map(repr, unknown))}; the actions are "
-                        f"{', '.join(ACTIONS)} (or a synonym of one in reward.SYNONYMS)")
+                        f"{', '.join(ACTIONS)} (or a synonym of one in plan.SYNONYMS)")
     return out
 
 
@@ -498,3 +499,22 @@ if __name__ == "__main__":
         else:
             for s in make_split(split, 5):
                 print(f"{split:5} {s['image']:18} {s['instruction']}\n      {s['action']} {s['subject']} {s['goal']}")
+
+
+def grpo_batch(train, seed, step, B):
+    """The B train requests GRPO step `step` samples: fixed by (seed, step), so a resumed run replays them."""
+    return random.Random(f"{seed}:{step}").sample(train, B)
+
+
+def load_requests(folder, split, n, seed, at_least=1):
+    """Labelled requests: the first n of a dataset folder (its whole metadata.jsonl read and checked, labels
+    included), or n built-in ones of a split. Fewer than `at_least` is an error."""
+    rows = read_folder(folder)[:n] if folder else make_split(split, n, seed=seed)
+    for r in rows:
+        if "action" not in r:
+            raise DataError(f"{folder}/metadata.jsonl: {r['file_name']} has no action/subject/goal labels; "
+                            "the paper's reward needs them")
+    if len(rows) < at_least:
+        raise DataError(f"{len(rows)} {split} requests (n={n}" + (f", folder {folder}" if folder else "") +
+                        f"), and at least {at_least} are needed" + (" (batch_prompts)" if at_least > 1 else ""))
+    return rows

@@ -5,7 +5,7 @@ first use.
     import diffusion, torch
     edit = diffusion.Kontext(device="cuda", dtype=torch.bfloat16)     # or Pix2Pix(...), Inpaint(...); loads nothing
     out = edit(image, step, mask, generator=torch.Generator().manual_seed(0))   # loads once, then edits
-    #   image: uint8 (H, W, 3) RGB; step: agents.Step (action, subject, goal); mask: (H, W) in [0, 1] or None
+    #   image: uint8 (H, W, 3) RGB; step: plan.Step (action, subject, goal); mask: (H, W) in [0, 1] or None
     #   out: a new uint8 (H, W, 3) array at the input's size; generator None = seed 0, so the same bytes each time
     edit = diffusion.Kontext(model="/data/FLUX.1-Kontext-dev")          # a local folder instead of the hub id
     agents.LOADERS["kontext"] = diffusion.load_kontext                  # also load_pix2pix, load_inpaint
@@ -142,9 +142,9 @@ class DiffusionEditor:
                                    f"failed: {e} On the CPU pass quantize=False.") from e
             raise
         if self.quantize:  # bitsandbytes' in-place AVX512-BF16 repack on CPUs that have it breaks NF4 layers
-            import agents
+            from planner import _no_avx512_repack
             for part in self.nf4_parts:
-                agents._no_avx512_repack(getattr(pipe, part))
+                _no_avx512_repack(getattr(pipe, part))
         if self.offload:
             pipe.enable_model_cpu_offload(device=self.device)
         else:

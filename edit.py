@@ -51,55 +51,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-WORK_SIZE = 512  # perception and region agents see at most this many pixels a side
-
-
-PRESETS = ("cpu", "tiny", "gpu24", "tiny_vl")
-# The last part of each preset's planner folder, as peft records it in adapter_config.json (base_model_name_or_path):
-# agents.smollm2_folder, agents.planner_folder("tiny"), the tiny_vl folder below and in train.py; llama.py's copy
-# adds "-nf4-dequantized". gpu24's planner is a hub id or folder of Qwen2.5-VL (vlm.MODELS), matched on the whole.
-BASE_FOLDERS = {"smollm2-135m-instruct": "cpu", "tiny-llama": "tiny", "tiny-qwen2.5-vl": "tiny_vl"}
-
-
-def _json(path):
-    """A JSON object from a file, or exit naming the file (a folder or random bytes in its place too)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        sys.exit(f"error: {path} is not valid JSON ({e}); fix or remove it")
-    if not isinstance(data, dict):
-        sys.exit(f"error: {path} holds a JSON {type(data).__name__}, not an object; fix or remove it")
-    return data
-
-
-def adapter_preset(adapter):
-    """(preset, how it is known) of an adapter folder; preset None when unknown. The run's config.json one level up
-    says it (train.py writes the preset it ran); else the base model in adapter_config.json, which is a folder or a
-    hub id of one preset's planner. An adapter only merges into the planner it was trained on."""
-    run = Path(adapter).parent / "config.json"
-    preset = _json(run).get("preset") if run.exists() else None
-    if preset in PRESETS:
-        return preset, f"the adapter's run, {run}"
-    base = _json(Path(adapter) / "adapter_config.json").get("base_model_name_or_path") or ""
-    name = Path(base).name.lower().removesuffix("-nf4-dequantized")
-    preset = BASE_FOLDERS.get(name) or ("gpu24" if "qwen2.5-vl" in base.lower() else None)
-    if preset:
-        return preset, f"the adapter's base model {base}"
-    return None, (f"{run} has no preset" if run.exists() else f"no {run}") + f" and its base model {base!r} is " \
-        "not a preset's planner"
-
-
-def newest_adapter(root="runs", preset=None):
-    """The adapter folder under root/*/adapter saved last, or None; with `preset`, the newest of that preset."""
-    found = [p.parent for p in Path(root).glob("*/adapter/adapter_config.json")]
-    if preset:
-        found = [p for p in found if adapter_preset(p)[0] == preset]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def choose_adapter(args, root="runs"):
     """(adapter or None, preset): each taken from the other when not given, and never a pair that does not match.
     Exits, before any model loads, on an adapter folder that is not one or that contradicts an explicit --preset."""
+    from planner import adapter_preset, newest_adapter
     if args.adapter:
         adapter = Path(args.adapter)
         if not (adapter / "adapter_config.json").exists():
@@ -113,7 +70,7 @@ def choose_adapter(args, root="runs"):
         if trained and trained != preset:
             sys.exit(f"error: {adapter} was trained for the {trained} preset (from {how}), not for --preset "
                      f"{preset}; drop --preset to use it with {trained}, or give a {preset} adapter")
-        if trained is None:  # given by hand: trust it; a wrong one fails loudly when merged (agents.merge_lora)
+        if trained is None:  # given by hand: trust it; a wrong one fails loudly when merged (planner.merge_lora)
             print(f"warning: cannot tell which preset {adapter} was trained for ({how}); using it with the "
                   f"{preset} planner")
         return adapter, preset
@@ -241,11 +198,12 @@ def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constra
     llama.py, which saves the ~4 s transformers' model classes take to import; the others by transformers.
     `constrain`: decode with rollout.PlanGrammar (only what the CPU editor can run). The VLM presets (gpu24,
     tiny_vl) load Qwen2.5-VL (`planner_name`: a hub id or folder), which reads the image itself."""
-    import agents
-    from rollout import build_prompt, greedy_plans, plan_grammar, stop_ids
+    from agents import greedy_plans
+    from planner import cache_dir, dequantized_folder, load_planner as load_base, planner_folder
+    from rollout import build_prompt, plan_grammar, stop_ids
     if preset in ("cpu", "tiny") and not sequencer_model:
         import llama
-        model, tok = llama.load(agents.dequantized_folder(agents.planner_folder(preset)), adapter)
+        model, tok = llama.load(dequantized_folder(planner_folder(preset)), adapter)
         grammar = plan_grammar(tok) if constrain else None
         return None, lambda x, d, im: tok.decode(model.greedy(build_prompt(tok, x, d), max_new_tokens,
                                                               stop_ids(tok), grammar), skip_special_tokens=True)
@@ -256,16 +214,17 @@ def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constra
         import vlm
         device, dtype, _ = memory.pick_device()
         name = planner_name or (vlm.MODELS["7b"] if preset == "gpu24" else str(vlm.tiny_folder(
-            agents.cache_dir() / "tiny-qwen2.5-vl")))
+            cache_dir() / "tiny-qwen2.5-vl")))
         planner = vlm.load(name, adapter=adapter, device=device, dtype=dtype)
     else:
-        planner = agents.load_planner(preset, adapter=adapter, dequantized=True)
+        planner = load_base(preset, adapter=adapter, dequantized=True)
     grammar = plan_grammar(planner.tok) if constrain else None
     return planner, lambda x, d, im: greedy_plans(planner, [x], max_new_tokens, descriptions=[d], grammar=grammar,
                                                   images=[im])[0]
 
 
 def main(argv=None):
+    from planner import PRESETS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image")
     ap.add_argument("instruction")
@@ -329,8 +288,8 @@ def main(argv=None):
 
     import agents
     import regions
-    from reward import parse
-    from rollout import run_steps
+    from agents import run_steps
+    from plan import parse
     warnings.filterwarnings("ignore", category=FutureWarning)
     use_model = args.sequencer == "model" or (args.sequencer == "auto" and args.preset == "gpu24")
     constrain = args.preset == "cpu" if args.constrain is None else args.constrain
@@ -339,7 +298,7 @@ def main(argv=None):
 
     def perceive():  # in a thread while the planner loads: MediaPipe and ONNX Runtime work outside the GIL
         t = time.time()
-        text = regions.describe(regions.downscale(arr, WORK_SIZE))
+        text = regions.describe(regions.downscale(arr, regions.WORK_SIZE))
         seconds["perception"] = round(time.time() - t, 2)
         return text
 
@@ -387,7 +346,7 @@ def main(argv=None):
         gen = torch.Generator().manual_seed(0)  # one generator for the run: same request and image, same result
         edit = lambda im, step, mask: agents.agent(editor_name)(im, step, mask, generator=gen)  # noqa: E731
     t0 = time.time()
-    edited, trace = run_steps(arr, steps, WORK_SIZE, find=find, edit=edit)
+    edited, trace = run_steps(arr, steps, regions.WORK_SIZE, find=find, edit=edit)
     seconds["steps"] = round(time.time() - t0, 2)
     for r in trace:
         print(f"  step {r['step']}: {r['text']:<40} {r.get('region', '')} ({r['seconds']:.2f}s)"

@@ -138,8 +138,9 @@ def plans(adapter, samples, cache_dir, constrain=True):
     """Greedy plans of the cpu planner with this adapter, batched, as in train.py's evaluation; `constrain`: with
     the plan grammar. Kept in cache_dir and reused while the adapter file, the requests and `constrain` are
     unchanged, so a rerun only plans for new runs."""
-    from agents import load_planner
-    from rollout import greedy_plans, plan_grammar
+    from planner import load_planner
+    from rollout import plan_grammar
+    from agents import greedy_plans
     weights = Path(adapter) / "adapter_model.safetensors"
     key = {"adapter": str(Path(adapter).resolve()), "mtime": weights.stat().st_mtime,
            "requests": [s["instruction"] for s in samples], "constrain": constrain}
@@ -234,7 +235,8 @@ def phrasing_sets(run, n):
     """Three sets of n labelled requests for a run folder: train requests its GRPO steps sampled, train requests it
     never saw (not sampled, not in the cold start; same phrasing templates), and held-out requests (templates and
     action combinations of the test split only)."""
-    from train import describe_images, grpo_batch, load_requests
+    from data import grpo_batch, load_requests
+    from regions import describe_requests
     missing = [f for f in ("config.json", "cold_start", "adapter") if not (Path(run) / f).exists()]
     if missing:
         raise SystemExit(f"error: {run} is not a finished run folder (no {', '.join(missing)})")
@@ -244,7 +246,7 @@ def phrasing_sets(run, n):
     sets = {"seen train": [s for s in train if id(s) in seen][:n],
             "unseen train": [s for s in train[cfg["sft_n"]:] if id(s) not in seen][:n],
             "held-out": load_requests("", "test", n, seed=0)}
-    describe_images([s for v in sets.values() for s in v])  # in place, each image described once for all sets
+    describe_requests([s for v in sets.values() for s in v])  # in place, each image described once for all sets
     return sets
 
 
@@ -279,8 +281,9 @@ def main(argv=None):
     if args.phrasings:
         return phrasing_gap(args.phrasings, args.n, Path(args.out) / "plans")
     from reward import Outcome
-    from train import describe_images, load_requests
-    test = describe_images(load_requests("", "test", args.n, seed=0))
+    from data import load_requests
+    from regions import describe_requests
+    test = describe_requests(load_requests("", "test", args.n, seed=0))
     outcome = Outcome()
     systems = find_runs(args.root)
     if not systems:

@@ -154,9 +154,9 @@ def check_edit(ctx, name):
     import numpy as np
     from PIL import Image
 
-    import agents
     import diffusion
     import edit
+    import registry
     folder = diffusion.tiny_folder(ctx.models / "tiny-pipelines" / name, name)
     run = fresh(ctx.out / f"edit.{name}")
     src, out = run / "in.png", run / "out.png"
@@ -171,16 +171,16 @@ def check_edit(ctx, name):
             return EDIT_PLAN
         return planner, answer
     loader = lambda: diffusion.load_editor(name, model=folder, steps=2, size=32)  # noqa: E731  its real loader
-    agents.unload(name)
+    registry.unload(name)
     try:
         with patched(edit, "load_planner", planner_with_a_fixed_answer), \
-                patched(agents, "LOADERS", {**agents.LOADERS, name: loader}):
+                patched(registry, "LOADERS", {**registry.LOADERS, name: loader}):
             rec = edit.main([str(src), "make the left half red", "--preset=tiny_vl", f"--editor={name}", "--base",
                              "--max_new_tokens=4", f"--out={out}", "--force"])
-            ed = agents.agent(name)  # loaded by the run: its device, dtype and NF4
+            ed = registry.agent(name)  # loaded by the run: its device, dtype and NF4
             where = f"{ed.device} {str(ed.dtype).replace('torch.', '')}" + (" + NF4" if ed.quantize else "")
     finally:
-        agents.unload(name)
+        registry.unload(name)
     problems = [f"step {r['step']} failed: {r['error']}" for r in rec["steps"] if "error" in r]
     got = Image.open(out).size if out.exists() else None
     if got != (90, 60):
@@ -271,7 +271,7 @@ def check_flux(out, tiny, steps, device, dtype, size=1024, text_tokens=512, size
     `sizes`: config fields to override (a smaller model of the same class)."""
     from diffusers import FluxTransformer2DModel
 
-    import agents
+    from planner import _no_avx512_repack
     config = json.loads((Path(__file__).parent / "configs" / "flux.1-kontext-dev-transformer.json").read_text())
     if tiny:
         config.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -292,7 +292,7 @@ def check_flux(out, tiny, steps, device, dtype, size=1024, text_tokens=512, size
         torch.set_default_dtype(default)
     for blocks in (model.transformer_blocks, model.single_transformer_blocks):
         nf4_linears(blocks, dtype)
-    agents._no_avx512_repack(model)  # on CPUs with AVX512-BF16 bitsandbytes would repack (and here break) the weights
+    _no_avx512_repack(model)  # on CPUs with AVX512-BF16 bitsandbytes would repack (and here break) the weights
     model.eval()
     print(f"flux: random weights built and quantized in {time.time() - t:.0f}s")
     n = (size // 16) ** 2  # latent tokens of one image: 8x VAE, then 2x2 patches

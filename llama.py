@@ -123,6 +123,6 @@ def load(folder, adapter=None):
     folder = Path(folder)
     weights = load_file(folder / "model.safetensors")
     if adapter:
-        from agents import merge_lora
+        from planner import merge_lora
         merge_lora(weights, adapter)
     return Llama(json.loads((folder / "config.json").read_text()), weights), ChatTokenizer(folder)

@@ -5,7 +5,7 @@ Region agents: turn a subject ("the red car", "background", "her face", "text") 
     regions.agent_for("her coat")           # "person": where a subject goes, without loading or running anything
     regions.describe(image)                 # "512x512 image; a person; 1 face; colors: orange, red, gray; ..."
 
-Routing, after lower case, articles, possessives and reward.SYNONYMS; the first rule that matches wins:
+Routing, after lower case, articles, possessives and plan.SYNONYMS; the first rule that matches wins:
     whole       "whole image", "photo", "everything", ""          a mask of ones
     frame       "left", "top half", "upper left", "center"        halves, their crossings, the middle half
     text        "text", "sign", "caption", "letters"              boxes of the text RapidOCR reads, dilated
@@ -23,7 +23,7 @@ else the flat coloured shapes of a drawing, else the salient subject.
 Simplified: no open-vocabulary grounding on CPU. The salient agent finds *the* main subject whatever noun is asked
 ("cat" and "cup" get the same mask); clothes and hair get the whole person; the text agent sees only text that
 RapidOCR can read (not handwriting). Models see a copy of at most 512 px (grabCut 192 px: it takes 5 s at 512);
-masks come back at the image's own size. Models come only from agents.agent(name), so a subject loads only the
+masks come back at the image's own size. Models come only from registry.agent(name), so a subject loads only the
 agents it needs and tests can swap in fakes.
 """
 from dataclasses import dataclass
@@ -31,8 +31,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-import agents
-from reward import SYNONYMS, normalize
+import registry
+from data import sample_image
+from plan import SYNONYMS, normalize
+
+WORK_SIZE = 512  # perception and region agents see at most this many pixels a side (edit.py, train.py)
 
 WORK, CUT = 512, 192  # longest side the models see; the longest side grabCut sees
 
@@ -208,19 +211,19 @@ def _frame(shape, words):
 
 
 def _person(rgb):
-    return np.clip(agents.agent("selfie").process(rgb).segmentation_mask.astype(np.float32), 0, 1)
+    return np.clip(registry.agent("selfie").process(rgb).segmentation_mask.astype(np.float32), 0, 1)
 
 
 def _faces(rgb):
     """Face boxes (x, y, w, h) in pixels, and the detector: MediaPipe, else (only then loaded) the Haar cascade."""
     h, w = rgb.shape[:2]
-    found = agents.agent("face").process(rgb).detections or []
+    found = registry.agent("face").process(rgb).detections or []
     boxes = [(b.xmin * w, b.ymin * h, b.width * w, b.height * h)
              for b in (d.location_data.relative_bounding_box for d in found)]
     if boxes:
         return sorted(boxes), "MediaPipe"
     side = max(16, min(h, w) // 20)
-    found = agents.agent("haar").detectMultiScale(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), scaleFactor=1.1,
+    found = registry.agent("haar").detectMultiScale(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), scaleFactor=1.1,
                                                   minNeighbors=5, minSize=(side, side))
     return sorted(tuple(map(float, b)) for b in found), "Haar cascade"
 
@@ -231,7 +234,7 @@ def _text(rgb):
     h, w = rgb.shape[:2]  # RapidOCR scales the short side up to 736 px: pad thin images (right, bottom) to 2:1
     side = max(h, w) // 2
     padded = cv2.copyMakeBorder(rgb, 0, max(0, side - h), 0, max(0, side - w), cv2.BORDER_REPLICATE)
-    result, _ = agents.agent("ocr")(padded)
+    result, _ = registry.agent("ocr")(padded)
     mask, words = np.zeros(padded.shape[:2], np.uint8), []
     for box, text, _score in result or []:
         if sum(c.isascii() and c.isalnum() for c in text) >= 2:
@@ -253,7 +256,7 @@ def _salient(rgb, names=None, plural=False):
         return upscale(np.any(keep, axis=0), rgb.shape), "drawn shapes" if plural else "largest drawn shape"
     small = downscale(rgb, CUT)
     h, w = small.shape[:2]
-    ok, sal = agents.agent("saliency").computeSaliency(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+    ok, sal = registry.agent("saliency").computeSaliency(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
     if not ok or h < 8 or w < 8:
         return None, "no saliency"
     k = 2 * (min(h, w) // 16) + 1
@@ -383,3 +386,15 @@ def describe(image):
         where = [["top", "", "bottom"][min(int(cy * 3), 2)], ["left", "", "right"][min(int(cx * 3), 2)]]
         parts.append(f"main subject: {' '.join(x for x in where if x) or 'center'}, {_pct(mask)}")
     return "; ".join(parts)
+
+
+def describe_requests(samples):
+    """Add the perception text of each sample's image ("description"), the line edit.py gives the planner.
+    Each distinct image is described once (built-in ones at 512 px, the size edit.py's agents work at)."""
+    seen = {}
+    for s in samples:
+        key = s.get("image_path") or s["image"]
+        if key not in seen:
+            seen[key] = describe(downscale(np.asarray(sample_image(s, WORK_SIZE)), WORK_SIZE))
+        s["description"] = seen[key]
+    return samples

@@ -23,98 +23,11 @@ score. `judge_rewards` scores the same edited images with the local VLM judge in
 quality, preservation, as the paper's GPT-4o judges do; gpu24 only). train.py's `reward` chooses paper, outcome,
 both or judge.
 """
-import re
 from collections import Counter
 
 import torch
 
-FIELDS = ("action", "subject", "goal")
-
-# Synonyms a planner may write, per field, mapped onto the canonical words of the built-in data (DESIGN section 4).
-# Per field because one word means different things in different tags ("color" the action vs a goal). Keys and values are already normalised (lower case, no articles, no punctuation).
-SYNONYMS = {"action": {
-    "lighten": "brighten", "brighter": "brighten", "increase brightness": "brighten", "brightness up": "brighten",
-    "darker": "darken", "decrease brightness": "darken", "reduce brightness": "darken", "dim": "darken",
-    "contrast": "increase contrast", "more contrast": "increase contrast", "boost contrast": "increase contrast",
-    "reduce contrast": "decrease contrast", "less contrast": "decrease contrast", "lower contrast": "decrease contrast",
-    "increase saturation": "saturate", "boost saturation": "saturate", "more saturation": "saturate",
-    "decrease saturation": "desaturate", "reduce saturation": "desaturate", "mute": "desaturate",
-    "greyscale": "grayscale", "gray scale": "grayscale", "grey scale": "grayscale", "black and white": "grayscale",
-    "monochrome": "grayscale", "warmer": "warm", "warm up": "warm", "cooler": "cool", "cool down": "cool",
-    "recolour": "recolor", "change color": "recolor", "change colour": "recolor", "color": "recolor",
-    "colour": "recolor", "paint": "recolor", "blurred": "blur", "soften": "blur", "defocus": "blur",
-    "sharper": "sharpen", "noise reduction": "denoise", "reduce noise": "denoise", "erase": "remove",
-    "delete": "remove", "cut out": "remove", "trim": "crop", "turn": "rotate", "mirror": "flip",
-    "grain": "add grain", "add noise": "add grain", "film grain": "add grain", "pixelize": "pixelate",
-    "mosaic": "pixelate", "change background": "replace background", "swap background": "replace background",
-    "new background": "replace background",
-}, "subject": {
-    "image": "whole image", "photo": "whole image", "picture": "whole image", "entire image": "whole image",
-    "whole photo": "whole image", "whole picture": "whole image", "everything": "whole image", "all": "whole image",
-    "bg": "background", "backdrop": "background", "man": "person", "woman": "person", "people": "person",
-    "her": "person", "him": "person", "faces": "face", "words": "text", "writing": "text", "caption": "text",
-    "left side": "left", "right side": "right", "top half": "top", "bottom half": "bottom", "middle": "center",
-    "centre": "center", "left half": "left", "right half": "right",
-}, "goal": {
-    "a little": "slightly", "a bit": "slightly", "a touch": "slightly", "light": "slightly", "mild": "slightly",
-    "medium": "moderately", "moderate": "moderately", "a lot": "strongly", "strong": "strongly",
-    "heavily": "strongly", "heavy": "strongly", "very": "strongly", "grey": "gray", "90": "90 degrees",
-    "180": "180 degrees", "270": "270 degrees", "90 degree": "90 degrees", "180 degree": "180 degrees",
-    "horizontally": "horizontal", "vertically": "vertical", "blur": "blurred", "completely": "full",
-}}
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = re.compile(r"[^\w\s:]")  # keep ':' for aspect ratios such as 16:9
-
-
-def normalize(item, field):
-    """'The Red-Car!' -> 'red car'; then the field's synonym table. Articles go only when something else is left."""
-    syn = SYNONYMS[field]
-    s = " ".join(_PUNCT.sub(" ", item.lower()).split())
-    if s in syn:
-        return syn[s]
-    t = " ".join(_ARTICLES.sub(" ", s).split()) or s
-    return syn.get(t, t)
-
-
-_TAG = {f: re.compile(rf"<{f}>(.*?)</{f}>", re.S) for f in FIELDS}
-
-
-def parse(text):
-    """Read a decomposition. Never raises, whatever `text` is.
-    Returns {'ok': bool, 'action': [...], 'subject': [...], 'goal': [...]} with normalised items; a field whose
-    tag is missing is an empty list. `ok` is the paper's format check."""
-    if not isinstance(text, str):
-        text = "" if text is None else str(text)
-    text = re.sub(r"^\s*<think>.*?</think>", "", text, count=1, flags=re.S)  # optional reasoning first
-    out, spans = {"ok": False}, []
-    for f in FIELDS:
-        found = list(_TAG[f].finditer(text))
-        out[f] = [normalize(x, f) for x in found[0].group(1).split(";") if x.strip()] if found else []
-        spans.append((len(found), found[0].start() if found else -1, len(found[0].group(1).split(";")) if found else 0))
-    counts = [n for _, _, n in spans]
-    out["ok"] = (all(k == 1 for k, _, _ in spans)                      # each tag exactly once
-                 and spans[0][1] < spans[1][1] < spans[2][1]           # in order
-                 and all(len(out[f]) == n for f, n in zip(FIELDS, counts))  # no empty items
-                 and len(set(counts)) == 1 and counts[0] > 0)          # aligned, non-empty
-    return out
-
-
-def f1(pred, gold):
-    """Multiset F1 of two lists of normalised items. Both empty -> 1; one empty -> 0."""
-    if not pred and not gold:
-        return 1.0
-    hit = sum((Counter(pred) & Counter(gold)).values())
-    if hit == 0:
-        return 0.0
-    p, r = hit / len(pred), hit / len(gold)
-    return 2 * p * r / (p + r)
-
-
-def format_plan(action, subject, goal):
-    """The canonical completion for gold labels (used for the supervised cold start and in tests)."""
-    return "".join(f"<{f}>{'; '.join(v)}</{f}>" for f, v in zip(FIELDS, (action, subject, goal)))
-
+from plan import FIELDS, f1, format_plan, normalize, parse  # noqa: F401  (format_plan: tests)
 
 def paper_rewards(completions, golds):
     """Score a batch. completions: list[str] (N,); golds: list of dicts with 'action', 'subject', 'goal' lists (N,).
@@ -202,7 +115,7 @@ class Outcome:
         mask is found once per image and frame, whatever tone edits came before it."""
         import editor
         import regions
-        from rollout import run_steps
+        from agents import run_steps
         err, done, frame, framed = None, (), (), image
 
         def find(_, subject):

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import editor
+from plan import FIELDS
+
 SYSTEM = ("You split an image edit request into single edits. Answer only in this form, items separated by ';' "
           "and aligned by position: <action>a1; a2</action><subject>s1; s2</subject><goal>g1; g2</goal>. "
           "Actions: brighten, darken, increase contrast, decrease contrast, saturate, desaturate, grayscale, sepia, "
@@ -85,9 +88,7 @@ class PlanGrammar:
     MAX_ITEMS, SUBJECT_CHARS = 4, 32
 
     def __init__(self, tok, stop, top_k=32):
-        import editor
-        from reward import FIELDS  # the tags of reward.format_plan: '<action>', '</action><subject>', ...
-        a, s, g = FIELDS
+        a, s, g = FIELDS  # the tags of plan.format_plan: '<action>', '</action><subject>', ...
         self.heads = (f"<{a}>", f"</{a}><{s}>", f"</{s}><{g}>", f"</{g}>")
         self.tok, self.strings = tok, [tok.decode([i]) for i in range(len(tok))]  # the text each token adds
         self.stop, self.top_k = set(stop), top_k
@@ -287,71 +288,3 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
 def decode(tok, rollout):
     """The completions as text, without stop and pad tokens."""
     return [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(rollout.ids, rollout.mask)]
-
-
-@torch.no_grad()
-def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=None, grammar=None, images=None):
-    """Greedy completions (text) for a list of requests, `batch` prompts decoded together. `descriptions`: the
-    perception text of each request's image, or None; `grammar`: a PlanGrammar, or None for free text; `images`:
-    the PIL images of the requests, for a VLM planner (one with a processor)."""
-    tok, texts = planner.tok, []
-    descriptions = descriptions or [None] * len(instructions)
-    planner.policy.eval()
-    for i in range(0, len(instructions), batch):
-        vision = None
-        if planner.processor is not None:
-            import vlm
-            prompts, vision = vlm.prompts(planner, instructions[i:i + batch], images[i:i + batch])
-        else:
-            prompts = [build_prompt(tok, x, d) for x, d in zip(instructions[i:i + batch], descriptions[i:i + batch])]
-        r = sample_group(planner.policy, prompts, 1, max_new_tokens, stop_ids(tok, planner.model), tok.pad_token_id,
-                         temperature=0,
-                         grammar=grammar, vision=vision)
-        texts += decode(tok, r)
-    return texts
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Running a plan: each step's region is found on a copy of at most `work_size` pixels a side, its mask is scaled up,
-# and the edit is applied at full resolution, so a 24-megapixel photo costs the region agents no more than a small
-# one. Nothing here raises for a step that fails: the step is skipped and the trace says why (a planner can write
-# an action no editor knows; a caller decides what a run with failed steps means).
-
-
-def run_steps(image, steps, work_size=512, find=None, edit=None):
-    """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step).
-    `find(image, subject)` -> Region replaces the region agents' `regions.find` on the current image (the outcome
-    reward passes a cached one; gpu24 passes the grounding agent's). `edit(image, step, mask)` -> image replaces
-    the CPU editor for every step but geometry (crop, rotate, flip stay exact): a diffusers editor, which reads any
-    action text."""
-    import time
-
-    import agents
-    import regions
-    from reward import normalize
-    editor, trace = agents.agent("retouch"), []
-    for i, step in enumerate(steps):
-        t0, rec = time.time(), {"step": i + 1, "action": step.action, "subject": step.subject, "goal": step.goal,
-                                "text": step.text}
-        trace.append(rec)
-        action = normalize(step.action, "action")
-        try:
-            if edit is None and action not in editor.ACTIONS:
-                raise editor.EditError(f"the CPU editor has no action {step.action!r}")
-            mask = None
-            if action not in editor.GEOMETRY:
-                region = (find or regions.find)(regions.downscale(image, work_size), step.subject)
-                rec.update(agent=region.agent, region=region.note, area=round(float(region.mask.mean()), 4))
-                if action == "remove" and region.agent == "whole":
-                    raise editor.EditError(f"nothing to remove: {region.note}")
-                mask = regions.upscale(region.mask, image.shape)
-            else:
-                rec.update(agent="none", region="the whole frame (geometry)", area=1.0)
-            if edit is not None and action not in editor.GEOMETRY:
-                image = edit(image, step, mask)
-            else:
-                image = editor.apply(image, action, step.goal, mask)
-        except Exception as e:  # a failing agent skips its step, loudly, and the run goes on
-            rec["error"] = f"{type(e).__name__}: {e}"
-        rec["seconds"] = round(time.time() - t0, 3)
-    return image, trace

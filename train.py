@@ -53,6 +53,16 @@ from pathlib import Path
 
 import torch
 
+import memory
+import reward
+import rollout
+import vlm
+from agents import greedy_plans
+from data import DataError, grpo_batch, load_requests, sample_image
+from plan import format_plan
+from planner import cache_dir, load_planner
+from regions import describe_requests
+
 
 @dataclass
 class Config:
@@ -167,11 +177,6 @@ def lr_factor(step, warmup, total):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def grpo_batch(train, seed, step, B):
-    """The B train requests GRPO step `step` samples: fixed by (seed, step), so a resumed run replays them."""
-    return random.Random(f"{seed}:{step}").sample(train, B)
-
-
 def detect_preset():
     """The preset for this machine and why: gpu24 on a CUDA GPU with at least 20 GB where its planner can be loaded
     (a local copy, or the hub reachable), anything else cpu."""
@@ -181,7 +186,6 @@ def detect_preset():
     gb = props.total_memory / 2**30
     if gb < 20:
         return "cpu", f"{props.name} has {gb:.0f} GB, gpu24 needs 20"
-    import vlm
     ok, why = vlm.available(PRESETS["gpu24"]["planner"])
     if not ok:
         return "cpu", (f"{props.name} has {gb:.0f} GB, but {why}; `huggingface-cli download "
@@ -318,18 +322,15 @@ def validate(cfg):
 def evaluate(planner, samples, cfg):
     """Greedy plans for held-out samples, scored with the paper's reward. Returns mean format-valid rate, F1 per
     field, mean F1 and mean reward, plus the completions."""
-    from data import sample_image
-    from reward import paper_rewards
-    from rollout import greedy_plans, plan_grammar
+    grammar = rollout.plan_grammar(planner.tok) if cfg.constrain else None
     texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch,
-                         [s.get("description") for s in samples], plan_grammar(planner.tok) if cfg.constrain else None,
+                         [s.get("description") for s in samples], grammar,
                          [sample_image(s, cfg.image_size) for s in samples] if planner.processor else None)
-    rewards, info = paper_rewards(texts, samples)
+    rewards, info = reward.paper_rewards(texts, samples)
     out = {k: round(v.mean().item(), 4) for k, v in info.items()}
     out["reward"] = round(rewards.mean().item(), 4)
     if cfg.eval_judge:  # the paper's three criteria, 0-10, from the local judge; NaN when no plan ran
-        from reward import Outcome, judge_rewards
-        _, judged = judge_rewards(planner, Outcome(cfg.outcome_size, quality=False), texts, samples)
+        _, judged = reward.judge_rewards(planner, reward.Outcome(cfg.outcome_size, quality=False), texts, samples)
         out.update({f"judge_{k}": round(judged[k].nanmean().item(), 3)
                     for k in ("completion", "quality", "preservation")})
     return out, texts
@@ -338,7 +339,6 @@ def evaluate(planner, samples, cfg):
 def score(cfg, planner, outcome, meter, texts, golds):
     """Rewards (N,) of N completions, on the CPU, with the paper's parts (`info`: format and F1s, always logged)
     and `extra` log fields of the outcome or judge reward. A plan that fails to run gets 0 and is counted."""
-    import reward
     rewards, info = reward.paper_rewards(texts, golds)
     if cfg.reward == "paper":
         return rewards, info, {}
@@ -361,11 +361,8 @@ def score(cfg, planner, outcome, meter, texts, golds):
 
 def make_prompts(planner, samples, cfg):
     """The prompts of labelled requests: token ids, and for a VLM planner the Vision of their images (else None)."""
-    from rollout import build_prompt
     if planner.processor is None:
-        return [build_prompt(planner.tok, s["instruction"], s.get("description")) for s in samples], None
-    import vlm
-    from data import sample_image
+        return [rollout.build_prompt(planner.tok, s["instruction"], s.get("description")) for s in samples], None
     return vlm.prompts(planner, [s["instruction"] for s in samples],
                        [sample_image(s, cfg.image_size) for s in samples])
 
@@ -373,53 +370,16 @@ def make_prompts(planner, samples, cfg):
 def load_policy(cfg, device, dtype, adapter=None):
     """The planner of cfg's preset in NF4 (or full precision: quantize=False) + LoRA on `lora_targets` (a fresh
     adapter, or the saved one in `adapter`), on `device`."""
-    from agents import load_planner
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, adapter=adapter,
                 lora_targets=cfg.lora_targets, device=device, dtype=dtype)
     if cfg.preset not in VLM_PRESETS:  # unquantized: the NF4 numbers stored in full precision
         return load_planner(cfg.preset, dequantized=not cfg.quantize, **lora)
-    import vlm
-    from agents import cache_dir
     name = cfg.planner or str(vlm.tiny_folder(cache_dir() / "tiny-qwen2.5-vl"))
     return vlm.load(name, max_pixels=cfg.max_pixels, quantize=cfg.quantize, **lora)
 
 
-def describe_images(samples):
-    """Add the perception text of each sample's image ("description"), the line edit.py gives the planner.
-    Each distinct image is described once (built-in ones at 512 px, the size edit.py's agents work at)."""
-    import numpy as np
-
-    from data import sample_image
-    from edit import WORK_SIZE
-    from regions import describe, downscale
-    seen = {}
-    for s in samples:
-        key = s.get("image_path") or s["image"]
-        if key not in seen:
-            seen[key] = describe(downscale(np.asarray(sample_image(s, WORK_SIZE)), WORK_SIZE))
-        s["description"] = seen[key]
-    return samples
-
-
-def load_requests(folder, split, n, seed, at_least=1):
-    """Labelled requests: the first n of a dataset folder (its whole metadata.jsonl read and checked, labels
-    included), or n built-in ones of a split. Fewer than `at_least` is an error."""
-    from data import DataError, make_split, read_folder
-    rows = read_folder(folder)[:n] if folder else make_split(split, n, seed=seed)
-    for r in rows:
-        if "action" not in r:
-            raise DataError(f"{folder}/metadata.jsonl: {r['file_name']} has no action/subject/goal labels; "
-                            "the paper's reward needs them")
-    if len(rows) < at_least:
-        raise DataError(f"{len(rows)} {split} requests (n={n}" + (f", folder {folder}" if folder else "") +
-                        f"), and at least {at_least} are needed" + (" (batch_prompts)" if at_least > 1 else ""))
-    return rows
-
-
 def sft(planner, samples, cfg):
     """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token)."""
-    from reward import format_plan
-    from rollout import completion_logp
     tok, policy = planner.tok, planner.policy
     end, rng = tok.convert_tokens_to_ids("<|im_end|>"), random.Random(cfg.seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.sft_lr)
@@ -432,7 +392,7 @@ def sft(planner, samples, cfg):
         T = max(len(t) for t in targets)
         ids = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in targets], device=policy.device)
         mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets], device=policy.device)
-        loss = -completion_logp(policy, prompts, ids, mask, tok.pad_token_id, vision=vision).sum() / mask.sum()
+        loss = -rollout.completion_logp(policy, prompts, ids, mask, tok.pad_token_id, vision=vision).sum() / mask.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         opt.step()
@@ -578,44 +538,130 @@ def plot(out, history):
     plt.close(fig)
 
 
-def main(cfg):
-    from tqdm import tqdm
-
-    from reward import Outcome
-    from rollout import completion_logp, decode, plan_grammar, sample_group, stop_ids
-
-    validate(cfg)  # parse_args did too; a Config built in code is checked here
-    if cfg.dry_run:
-        import memory
-        return memory.show(cfg)
-    import memory
-    device, dtype, why = memory.pick_device(cfg.device)  # chosen here once; everything below is given them
-    print(f"device: {device} ({why}), planner compute dtype {str(dtype).removeprefix('torch.')}")
+def check_run(cfg, out):
+    """Everything that can be refused, checked before the planner loads and before the run folder is touched: the
+    data (both splits, labels included), the run folder's state, a resume's settings. Returns (train, test, the
+    config.json to write)."""
     test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)  # the same whatever the seed, so seeds compare
-    if cfg.eval_adapter:
-        if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
-            raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
-        if cfg.describe:
-            describe_images(test)
-        scores, texts = evaluate(load_policy(cfg, device, dtype, cfg.eval_adapter), test, cfg)
-        print(f"{cfg.eval_adapter} on {len(test)} held-out requests: " +
-              " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
-        return scores
-    # Everything that can be refused is checked before the planner loads and before the run folder is touched: the
-    # data (both splits, labels included), the run folder's state, a resume's settings, the images (described).
     train = load_requests(cfg.train_dir, "train", cfg.train_n, seed=cfg.seed, at_least=cfg.batch_prompts)
-    out = Path(cfg.out_dir)
     if cfg.resume and not (out / "state.pt").exists():
         raise SystemExit(f"error: --resume=True but {out / 'state.pt'} does not exist")
     if not cfg.resume and (out / "state.pt").exists():
         raise SystemExit(f"error: {out} already holds a run; pass --resume=True or choose another --out_dir")
     config = resumed_config(out, cfg) if cfg.resume else {**asdict(cfg), **run_info()}
+    return train, test, config
+
+
+def log(out, history, row):
+    history.append(row)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def heldout(planner, test, cfg, meter, out, history, phase, step):
+    """Score the held-out split greedily, print one line and log it."""
+    t = time.time()
+    with meter.phase("eval"):
+        scores, texts = evaluate(planner, test, cfg)
+    print(f"{phase} (step {step}, {len(test)} held-out, {time.time() - t:.0f}s): " +
+          " ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f"\n  e.g. {texts[0]!r}")
+    log(out, history, {"phase": phase, "step": step, **scores})
+
+
+def optimizer(params, device, cfg):
+    """AdamW (paged 8-bit on a GPU: state in 8 bits, paged out under memory pressure), and the lr schedule."""
+    if torch.device(device).type == "cuda":
+        import bitsandbytes as bnb
+        opt = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
+
+
+def resume(out, policy, opt, sched, cfg):
+    """Load the last checkpoint; returns (its step, the logged rows up to it: later ones are done again)."""
+    start = load_checkpoint(out, policy, opt, sched)
+    # lr, warmup and steps may differ from the saved run's (RESUMABLE): the saved optimizer and scheduler would
+    # silently keep the old lr, so the schedule goes on from the saved step with the new ones
+    sched.base_lrs = [cfg.lr] * len(opt.param_groups)
+    for g in opt.param_groups:
+        g["initial_lr"], g["lr"] = cfg.lr, cfg.lr * lr_factor(sched.last_epoch, cfg.warmup, cfg.steps)
+    metrics = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    history = [r for r in rows if r["step"] <= start]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+    print(f"resumed from {out / 'state.pt'} at step {start}")
+    return start, history
+
+
+def grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad, cfg):
+    """One policy update on the kept groups: micro-batches of `micro_groups` groups, each with its reference pass
+    (the adapter off) and loss, gradients accumulated, clipped, and one optimizer step unless the loss or the
+    gradient norm is not finite (bf16 overflow: one such step would poison the LoRA weights and the optimizer's
+    moments for good). Returns (mean loss, mean KL, gradient norm, finite)."""
+    G, loss_sum, kl_sum = cfg.group_size, 0.0, 0.0
+    for i in range(0, len(keep), cfg.micro_groups):
+        gs = keep[i:i + cfg.micro_groups]
+        rows = torch.tensor([b * G + g for b in gs for g in range(G)], device=roll.ids.device)
+        ids, mask = roll.ids[rows], roll.mask[rows]
+        sub, vis = [prompts[b] for b in gs], vision and vision.subset(gs)
+        with torch.no_grad(), policy.disable_adapter():
+            ref_logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
+        logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
+        loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv.view(-1)[rows], mask, cfg.clip, cfg.beta)
+        (loss * len(gs) / len(keep)).backward()
+        loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if keep else 0.0
+    finite = math.isfinite(loss_sum) and math.isfinite(norm)
+    if keep and finite:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    n = max(len(keep), 1)
+    return loss_sum / n, kl_sum / n, norm, finite
+
+
+def print_table(history, n):
+    """The held-out table of a run: one row per stage (zero-shot, cold start, after GRPO)."""
+    names = {"eval zero-shot": "base, zero-shot", "eval cold start": "after cold start"}
+    table = {names.get(h["phase"], "after GRPO"): h for h in history if h["phase"].startswith("eval")}
+    print(f"\nheld-out split ({n} requests), greedy decoding:")
+    print(f"{'':>18} {'format':>7} {'F1 act':>7} {'F1 subj':>7} {'F1 goal':>7} {'F1 mean':>7} {'reward':>7}")
+    for name, h in table.items():
+        print(f"{name:>18} " + " ".join(f"{h[k]:7.3f}" for k in
+                                        ("format", "f1_action", "f1_subject", "f1_goal", "f1", "reward")))
+
+
+def main(cfg):
+    """By cfg: the memory plan (dry_run), the held-out scores of a saved adapter (eval_adapter), or a training run."""
+    validate(cfg)  # parse_args did too; a Config built in code is checked here
+    if cfg.dry_run:
+        return memory.show(cfg)
+    device, dtype, why = memory.pick_device(cfg.device)  # chosen here once; everything below is given them
+    print(f"device: {device} ({why}), planner compute dtype {str(dtype).removeprefix('torch.')}")
+    if not cfg.eval_adapter:
+        return train(cfg, device, dtype)
+    if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
+        raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
+    test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)
+    if cfg.describe:
+        describe_requests(test)
+    scores, _ = evaluate(load_policy(cfg, device, dtype, cfg.eval_adapter), test, cfg)
+    print(f"{cfg.eval_adapter} on {len(test)} held-out requests: "
+          + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    return scores
+
+
+def train(cfg, device, dtype):
+    """A run: checks, the planner, zero-shot and cold-start evaluations (or a resume), then the GRPO loop. Returns
+    the logged rows."""
+    from tqdm import tqdm
+    out = Path(cfg.out_dir)
+    train_set, test, config = check_run(cfg, out)
     if cfg.describe:
         t0 = time.time()
-        describe_images(test)
-        describe_images(train)
-        print(f"perception text for {len({s.get('image_path') or s['image'] for s in train})} images in "
-              f"{time.time() - t0:.0f}s, e.g. {train[0]['description']!r}")
+        describe_requests(test + train_set)
+        print(f"perception text for {len({s.get('image_path') or s['image'] for s in train_set})} train images in "
+              f"{time.time() - t0:.0f}s, e.g. {train_set[0]['description']!r}")
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         tidy_checkpoint(out)
@@ -633,138 +679,78 @@ def main(cfg):
     if cfg.grad_checkpointing:
         planner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         planner.model.enable_input_require_grads()
-    metrics = out / "metrics.jsonl"
-
-    def log(row):
-        history.append(row)
-        with open(metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def heldout(phase, step):
-        t = time.time()
-        with meter.phase("eval"):
-            scores, texts = evaluate(planner, test, cfg)
-        print(f"{phase} (step {step}, {len(test)} held-out, {time.time() - t:.0f}s): " +
-              " ".join(f"{k}={v:.3f}" for k, v in scores.items()) + f"\n  e.g. {texts[0]!r}")
-        log({"phase": phase, "step": step, **scores})
-
     params = [p for p in policy.parameters() if p.requires_grad]
-    if torch.device(device).type == "cuda":  # paged 8-bit AdamW: state in 8 bits, paged out under memory pressure
-        import bitsandbytes as bnb
-        opt = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps))
-    start, history = 0, []
+    opt, sched = optimizer(params, device, cfg)
+    evaluate_now = lambda phase, step: heldout(planner, test, cfg, meter, out, history, phase, step)  # noqa: E731
     if cfg.resume:
-        start = load_checkpoint(out, policy, opt, sched)
-        # lr, warmup and steps may differ from the saved run's (RESUMABLE): the saved optimizer and scheduler would
-        # silently keep the old lr, so the schedule goes on from the saved step with the new ones
-        sched.base_lrs = [cfg.lr] * len(opt.param_groups)
-        for g in opt.param_groups:
-            g["initial_lr"], g["lr"] = cfg.lr, cfg.lr * lr_factor(sched.last_epoch, cfg.warmup, cfg.steps)
-        # drop what the interrupted run logged after its last checkpoint: those steps are done again
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-        history = [r for r in rows if r["step"] <= start]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
-        print(f"resumed from {out / 'state.pt'} at step {start}")
+        start, history = resume(out, policy, opt, sched, cfg)
     else:
-        heldout("eval zero-shot", 0)
+        start, history = 0, []
+        evaluate_now("eval zero-shot", 0)
         if cfg.sft_steps:
-            sft(planner, train[:cfg.sft_n], cfg)
-            heldout("eval cold start", 0)
+            sft(planner, train_set[:cfg.sft_n], cfg)
+            evaluate_now("eval cold start", 0)
             policy.save_pretrained(out / "cold_start")  # the untrained pipeline's planner, for eval.py
         save_checkpoint(out, policy, opt, sched, 0)
 
-    stop, pad, bad = stop_ids(tok, planner.model), tok.pad_token_id, 0
-    grammar = plan_grammar(tok) if cfg.constrain else None
-    outcome = Outcome(cfg.outcome_size, cfg.outcome_weights) if cfg.reward != "paper" else None
+    stop, pad, bad = rollout.stop_ids(tok, planner.model), tok.pad_token_id, 0
+    grammar = rollout.plan_grammar(tok) if cfg.constrain else None
+    outcome = reward.Outcome(cfg.outcome_size, cfg.outcome_weights) if cfg.reward != "paper" else None
     B, G, longest = cfg.batch_prompts, cfg.group_size, 0
     for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
         t = time.time()
         # sample: B prompts, G completions each; prompts and tokens are fixed by (seed, step), so runs replay
-        batch = grpo_batch(train, cfg.seed, step, B)
+        batch = grpo_batch(train_set, cfg.seed, step, B)
         policy.eval()
         with meter.phase("vision" if planner.processor else "prompts"):
             prompts, vision = make_prompts(planner, batch, cfg)
         longest = max(longest, *map(len, prompts))
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         with meter.phase("sample"):
-            roll = sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature, cfg.top_p, gen,
-                                grammar=grammar, vision=vision)
+            roll = rollout.sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature,
+                                        cfg.top_p, gen, grammar=grammar, vision=vision)
         t_sample = time.time() - t
         # score all B*G completions in one call (on the CPU), then the one place they move to the policy's device
-        texts, golds = decode(tok, roll), [s for s in batch for _ in range(G)]
+        texts, golds = rollout.decode(tok, roll), [s for s in batch for _ in range(G)]
         rewards, info, extra = score(cfg, planner, outcome, meter, texts, golds)
         rewards = rewards.to(device)
         adv, signal = group_advantages(rewards.view(B, G), cfg.reward_tol)          # (B, G), (B,)
         keep = signal.nonzero().flatten().tolist()                                  # groups with signal
-        # update: micro-batches of groups, gradients accumulated over the kept groups
         policy.train()
         with meter.phase("update"):
-            loss_sum, kl_sum = 0.0, 0.0
-            for i in range(0, len(keep), cfg.micro_groups):
-                gs = keep[i:i + cfg.micro_groups]
-                rows = torch.tensor([b * G + g for b in gs for g in range(G)], device=device)
-                ids, mask = roll.ids[rows], roll.mask[rows]
-                sub, vis = [prompts[b] for b in gs], vision and vision.subset(gs)
-                with torch.no_grad(), policy.disable_adapter():
-                    ref_logp = completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
-                logp = completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
-                loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv.view(-1)[rows], mask, cfg.clip, cfg.beta)
-                (loss * len(gs) / len(keep)).backward()
-                loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if keep else 0.0
-            # a finite loss can still give an inf/NaN gradient (bf16 overflow): one such step would poison the
-            # LoRA weights and the optimizer's moments for good, so it is skipped
-            finite = math.isfinite(loss_sum) and math.isfinite(norm)
-            if keep and finite:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, kl, norm, finite = grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad, cfg)
         sched.step()  # the schedule follows the step number, skipped or not
         if not finite:
             bad += 1
-            what = "loss" if not math.isfinite(loss_sum) else f"gradient norm ({norm})"
+            what = "loss" if not math.isfinite(loss) else f"gradient norm ({norm})"
             print(f"step {step + 1}: non-finite {what}, step skipped ({bad} in a row)")
             if bad >= cfg.max_bad_steps:
                 raise SystemExit(f"error: non-finite {what} {bad} steps in a row; lower lr (now {cfg.lr}) "
                                  f"or check the data. Last checkpoint: {out / 'state.pt'}")
             continue
         bad = 0
-        n = max(len(keep), 1)
         row = {"phase": "grpo", "step": step + 1, "reward": round(rewards.mean().item(), 4),
                "format": round(info["format"].mean().item(), 4), "f1": round(info["f1"].mean().item(), 4),
-               "loss": round(loss_sum / n, 5), "kl": round(kl_sum / n, 5), "grad_norm": round(norm, 4),
+               "loss": round(loss, 5), "kl": round(kl, 5), "grad_norm": round(norm, 4),
                "kept_groups": len(keep), "dropped_groups": B - len(keep), "lr": sched.get_last_lr()[0],
                "tokens": int(roll.mask.sum()), **extra, "sample_seconds": round(t_sample, 2),
                "peak_gb": round(max(meter.peaks.values()) / 2**30, 3), "seconds": round(time.time() - t, 2)}
-        log(row)
+        log(out, history, row)
         tqdm.write(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} fmt {row['format']:.2f} "
                    f"f1 {row['f1']:.3f} | groups {len(keep)}/{B} | loss {row['loss']:+.4f} kl {row['kl']:.4f} "
                    f"| gnorm {norm:.3f} lr {row['lr']:.1e} | {row['seconds']:.1f}s")
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or last:
-            heldout("eval", step + 1)
+            evaluate_now("eval", step + 1)
         if (step + 1) % cfg.save_every == 0 or last:
             save_checkpoint(out, policy, opt, sched, step + 1)
             plot(out, history)
-
     memory.report(meter, cfg, planner, out, longest)
-    table = {}
-    for h in history:
-        if h["phase"].startswith("eval"):
-            table[{"eval zero-shot": "base, zero-shot", "eval cold start": "after cold start"}.get(
-                h["phase"], "after GRPO")] = h
-    print(f"\nheld-out split ({len(test)} requests), greedy decoding:")
-    print(f"{'':>18} {'format':>7} {'F1 act':>7} {'F1 subj':>7} {'F1 goal':>7} {'F1 mean':>7} {'reward':>7}")
-    for name, h in table.items():
-        print(f"{name:>18} " + " ".join(f"{h[k]:7.3f}" for k in
-                                        ("format", "f1_action", "f1_subject", "f1_goal", "f1", "reward")))
+    print_table(history, len(test))
     return history
 
 
 if __name__ == "__main__":
-    from data import DataError
     try:
         main(parse_args(sys.argv[1:]))
     except DataError as e:  # bad dataset input: the message says what and where; no traceback needed

@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+import rollout
+from planner import Planner, _atomic_folder, _no_avx512_repack
+
 MODELS = {"7b": "Qwen/Qwen2.5-VL-7B-Instruct", "3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
 MAX_PIXELS = 448 * 448
 SKIP_4BIT = ["model.visual", "lm_head"]   # kept in dtype: the vision tower and the output layer
@@ -102,7 +105,6 @@ def tiny_folder(folder, seed=0, hidden=64, layers=2, intermediate=None, vocab=No
     """A random tiny Qwen2.5-VL (vision tower, merger, mrope language model) with a byte-level BPE tokenizer
     trained in-process and the real image processor's settings, saved to `folder`; built offline. `vocab` larger
     than the tokenizer's 320 tokens gives the output layer a real model's width (the extra ids decode to nothing)."""
-    import agents
     folder = Path(folder)
     if (folder / "model.safetensors").exists():
         return folder
@@ -144,16 +146,15 @@ def tiny_folder(folder, seed=0, hidden=64, layers=2, intermediate=None, vocab=No
         tok.save_pretrained(tmp)
         Qwen2VLImageProcessorPil(max_pixels=MAX_PIXELS).save_pretrained(tmp)
 
-    return agents._atomic_folder(folder, build)
+    return _atomic_folder(folder, build)
 
 
 def load(name=MODELS["7b"], lora_r=64, lora_alpha=128, lora_dropout=0.0, adapter=None, device="cpu",
          dtype=torch.bfloat16, max_pixels=MAX_PIXELS, quantize=True, lora_targets=LORA_NAMES):
-    """Qwen2.5-VL (a hub id or a folder) as an agents.Planner: NF4 language model + LoRA, frozen vision tower.
+    """Qwen2.5-VL (a hub id or a folder) as a planner.Planner: NF4 language model + LoRA, frozen vision tower.
     `adapter`: a saved LoRA folder to go on training (or to evaluate) instead of a fresh one."""
     from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
-    import agents
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                            bnb_4bit_use_double_quant=True, llm_int8_skip_modules=SKIP_4BIT) if quantize else None
     try:
@@ -162,7 +163,7 @@ def load(name=MODELS["7b"], lora_r=64, lora_alpha=128, lora_dropout=0.0, adapter
                                                                    device_map={"": device})
     except OSError as e:
         raise hub_error(name, e) from e
-    agents._no_avx512_repack(model)
+    _no_avx512_repack(model)
     model.config.use_cache = True
     for p in model.parameters():  # base and vision tower frozen; only LoRA trains
         p.requires_grad_(False)
@@ -173,7 +174,7 @@ def load(name=MODELS["7b"], lora_r=64, lora_alpha=128, lora_dropout=0.0, adapter
         policy = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                   target_modules=lora_regex(lora_targets),
                                                   task_type="CAUSAL_LM"))
-    return agents.Planner(model=model, tok=proc.tokenizer, policy=policy, processor=proc)
+    return Planner(model=model, tok=proc.tokenizer, policy=policy, processor=proc)
 
 
 @dataclass
@@ -202,7 +203,6 @@ class Vision:
 
 def prompts(planner, instructions, images, system=None):
     """Token ids (B lists, the image's pad tokens expanded) and the Vision of B (request, PIL image) pairs."""
-    import rollout
     proc = planner.processor
     system = system or rollout.SYSTEM
     texts = [proc.tokenizer.apply_chat_template(
@@ -259,7 +259,6 @@ def expected_score(probs, p0=None):
 def judge(planner, requests, befores, afters, batch=6):
     """Scores (N, 3) in [0, 10] for completion, quality and preservation of N edits (PIL images), from the base
     model with the adapter off. Each row is the expected score under the next-token distribution."""
-    import rollout
     tok, pad = planner.tok, planner.tok.pad_token_id
     digits, ten = score_tokens(tok)
     jobs = [(r, b, a, q) for r, b, a in zip(requests, befores, afters) for q in QUESTIONS.values()]

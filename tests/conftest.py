@@ -8,19 +8,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail at once, not 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from agents import tiny_folder
+    from planner import tiny_folder
     return tiny_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    from agents import load_planner
+    from planner import load_planner
     return load_planner("tiny", folder=tiny_dir)
 
 
 @pytest.fixture(scope="session")
 def smol():
-    from agents import load_planner
+    from planner import load_planner
     return load_planner("cpu")
 
 
@@ -29,7 +29,7 @@ def tiny_adapter(tiny_dir, tmp_path_factory):
     """A saved LoRA adapter of the tiny planner that changes its outputs (a fresh one is a no-op: B = 0)."""
     import torch
 
-    from agents import load_planner
+    from planner import load_planner
     p = load_planner("tiny", folder=tiny_dir)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

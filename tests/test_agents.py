@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from agents import _no_avx512_repack, load_planner, smollm2_folder
+from planner import _no_avx512_repack, load_planner, smollm2_folder
 from rollout import build_prompt, completion_logp, sample_group, stop_ids
 
 
@@ -75,9 +75,9 @@ def test_second_load_skips_conversion(smol):
 
 
 def test_cache_respects_xdg(tmp_path, monkeypatch):
-    import agents
+    from planner import cache_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert agents.cache_dir() == tmp_path / "imageedit-r1"
+    assert cache_dir() == tmp_path / "imageedit-r1"
 
 
 @pytest.mark.slow
@@ -100,10 +100,14 @@ def test_unknown_preset():
 def test_importing_agents_loads_no_model():
     import subprocess
     import sys
-    code = ("import sys, agents; heavy = ('cv2', 'mediapipe', 'rapidocr_onnxruntime', 'editor', 'regions'); "
+    code = ("import sys, registry; heavy = ('cv2', 'mediapipe', 'rapidocr_onnxruntime', 'editor', 'regions'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy), registry.loaded())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] []"  # the registry imports no agent's library
+    code = ("import sys, agents; heavy = ('mediapipe', 'rapidocr_onnxruntime', 'transformers', 'diffusers'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy), agents.loaded())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[] []"
+    assert out.strip() == "[] []"  # the team imports the region agents' code, but loads no model
 
 
 def test_registry_loads_once_and_fakes_swap_in(monkeypatch):

@@ -126,7 +126,7 @@ def trials(tiny_dir, work, n_random, seed=0):
     torch.set_num_threads(1)  # no OpenMP pool in the parent: forked children stay safe
     sys.path.insert(0, str(ROOT))
     import train
-    from agents import load_planner
+    from planner import load_planner
     t0 = time.time()
     policy = load_planner("tiny", folder=tiny_dir, lora_r=4, lora_alpha=8).policy
     params = [p for p in policy.parameters() if p.requires_grad]

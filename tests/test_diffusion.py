@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import diffusion
-from agents import Step
+from plan import Step
 from diffusion import kontext_parts, sd_parts  # noqa: F401  (test_gpu24 imports sd_parts from here)
 from editor import EditError
 

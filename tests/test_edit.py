@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import agents
 import edit
+import planner
 import vlm
 from data import builtin_image
 
@@ -240,11 +241,11 @@ def test_bad_inputs(planner_says, photo, tmp_path):
 
 
 def test_adapter_choice(tmp_path, monkeypatch):
-    assert edit.newest_adapter(tmp_path) is None
+    assert planner.newest_adapter(tmp_path) is None
     for name in ("old", "new"):
         (tmp_path / name / "adapter").mkdir(parents=True)
         (tmp_path / name / "adapter" / "adapter_config.json").write_text("{}")
-    assert edit.newest_adapter(tmp_path) == tmp_path / "new" / "adapter"
+    assert planner.newest_adapter(tmp_path) == tmp_path / "new" / "adapter"
     img = tmp_path / "p.png"
     Image.new("RGB", (32, 24), "red").save(img)
     with pytest.raises(SystemExit, match="is not an adapter folder"):
@@ -276,10 +277,10 @@ def test_adapter_preset(tmp_path):
              "g": ("gpu24", "/models/my-own-qwen", "gpu24"),  # the run's config.json wins over the base
              "h": (None, "gpt2", None)}
     for name, (preset, base, want) in cases.items():
-        got, how = edit.adapter_preset(_adapter(tmp_path, name, preset, base))
+        got, how = planner.adapter_preset(_adapter(tmp_path, name, preset, base))
         assert got == want, (name, how)
-    assert "config.json" in edit.adapter_preset(tmp_path / "runs" / "g" / "adapter")[1]
-    assert "'gpt2' is not a preset's planner" in edit.adapter_preset(tmp_path / "runs" / "h" / "adapter")[1]
+    assert "config.json" in planner.adapter_preset(tmp_path / "runs" / "g" / "adapter")[1]
+    assert "'gpt2' is not a preset's planner" in planner.adapter_preset(tmp_path / "runs" / "h" / "adapter")[1]
 
 
 def test_newest_adapter_of_the_asked_preset(planner_says, tmp_path, monkeypatch, capsys):
@@ -291,8 +292,8 @@ def test_newest_adapter_of_the_asked_preset(planner_says, tmp_path, monkeypatch,
     gpu = _adapter(tmp_path, "gpu_run", "gpu24", vlm.MODELS["7b"], age=1)
     _adapter(tmp_path, "odd", None, "gpt2", age=0)
     _adapter(tmp_path, "tiny_run", None, str(tmp_path / "tiny-qwen2.5-vl"), age=2)
-    assert edit.newest_adapter("runs", "gpu24").resolve() == gpu
-    assert edit.newest_adapter("runs").name == "adapter" and edit.newest_adapter("runs").parent.name == "odd"
+    assert planner.newest_adapter("runs", "gpu24").resolve() == gpu
+    assert planner.newest_adapter("runs").name == "adapter" and planner.newest_adapter("runs").parent.name == "odd"
     img = tmp_path / "p.png"
     Image.new("RGB", (32, 24), "red").save(img)
     rec = edit.main([str(img), "mirror it", "--no-describe"])
@@ -336,7 +337,7 @@ def test_explicit_adapter_of_another_preset_is_an_error(planner_says, tmp_path):
 
 def test_explicit_adapter_of_unknown_preset(planner_says, tmp_path, capsys):
     """Named by hand, an adapter whose preset cannot be told is used with the preset asked for (default cpu), with
-    a warning: the user chose it, and a wrong one fails loudly when merged (agents.merge_lora checks every layer)."""
+    a warning: the user chose it, and a wrong one fails loudly when merged (planner.merge_lora checks every layer)."""
     planner_says(PLANS["flip"])
     img = tmp_path / "p.png"
     Image.new("RGB", (32, 24), "red").save(img)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import agents
+import registry
 import diffusion
 import edit
 import grounding
@@ -27,7 +28,7 @@ def gpu24_agents(tmp_path, monkeypatch):
     monkeypatch.setitem(agents.LOADERS, "pix2pix", lambda: diffusion.Pix2Pix(tmp_path / "pix2pix", steps=2, size=32))
     monkeypatch.setitem(agents.LOADERS, "grounding", lambda: grounding.Grounder(owl, sam, threshold=0.0, side=96))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(agents, "_loaded", {})
+    monkeypatch.setattr(registry, "_loaded", {})
 
 
 def test_edit_on_the_gpu24_path(tmp_path, gpu24_agents, monkeypatch):

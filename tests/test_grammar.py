@@ -4,7 +4,8 @@ import pytest
 
 import editor
 from reward import parse
-from rollout import build_prompt, decode, greedy_plans, plan_grammar, sample_group, stop_ids
+from rollout import build_prompt, decode, plan_grammar, sample_group, stop_ids
+from agents import greedy_plans
 
 PLAN = "<action>recolor; blur</action><subject>red car; background</subject><goal>scarlet; slightly</goal>"
 
@@ -70,7 +71,7 @@ def test_greedy_plan_of_smollm2(smol):
 @pytest.mark.parametrize("n", [60])
 def test_llama_greedy_under_the_grammar(tiny_dir, tiny_adapter, n):
     import llama
-    from agents import dequantized_folder, load_planner
+    from planner import dequantized_folder, load_planner
     ref = load_planner("tiny", folder=tiny_dir, adapter=tiny_adapter, dequantized=True)
     model, tok = llama.load(dequantized_folder(tiny_dir), tiny_adapter)
     requests = ["make her coat scarlet", "it is far too dark"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import agents
+import registry
 import grounding
 import regions
 
@@ -64,9 +65,9 @@ def g(folders):
 @pytest.fixture(autouse=True, scope="module")
 def own_registry():
     """The CPU agents that fallbacks load live in a registry of their own, as in test_regions."""
-    saved, agents._loaded = agents._loaded, {}
+    saved, registry._loaded = registry._loaded, {}
     yield
-    agents._loaded = saved
+    registry._loaded = saved
 
 
 def picture(h=120, w=200):

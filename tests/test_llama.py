@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import llama
-from agents import dequantized_folder, load_planner, merge_lora, smollm2_folder
-from rollout import build_prompt, greedy_plans, stop_ids
+from planner import dequantized_folder, load_planner, merge_lora, smollm2_folder
+from rollout import build_prompt, stop_ids
+from agents import greedy_plans
 
 REQUESTS = ["blur the background", "make her coat scarlet, her hair copper", "crop it square and add grain"]
 

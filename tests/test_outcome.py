@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+import agents
 import regions
 import rollout
 from data import builtin_image, make_split
@@ -44,7 +45,7 @@ def test_a_dataset_target_file_is_the_target(tmp_path):
     from PIL import Image
     src, dst = tmp_path / "src.png", tmp_path / "tgt.png"
     builtin_image("astronaut", 256).save(src)
-    blurred, _ = rollout.run_steps(np.asarray(builtin_image("astronaut", 256)),
+    blurred, _ = agents.run_steps(np.asarray(builtin_image("astronaut", 256)),
                                    [rollout_step("blur", "whole image", "strongly")])
     Image.fromarray(blurred).save(dst)
     sample = {"image_path": str(src), "target_path": str(dst), "instruction": "blur it", "action": ["sharpen"],
@@ -55,7 +56,7 @@ def test_a_dataset_target_file_is_the_target(tmp_path):
 
 
 def rollout_step(action, subject, goal):
-    from agents import Step
+    from plan import Step
     return Step(action, subject, goal)
 
 
@@ -213,7 +214,7 @@ def test_eval_end_to_end_keyword_only(tmp_path):
 def test_phrasing_sets_and_gap(tmp_path, monkeypatch):
     import eval as ev
     from data import TEMPLATE_SPLIT
-    from train import grpo_batch, load_requests
+    from data import grpo_batch, load_requests
     run = tmp_path / "r"
     run.mkdir()
     with pytest.raises(SystemExit, match="not a finished run folder .no config.json, cold_start, adapter"):

@@ -1,5 +1,5 @@
 """Single-step requests on the bundled photos, through the real region agents and the CPU editor
-(`rollout.run_steps`), each checked by a number a person would agree with. Local edits must also leave every pixel
+(`agents.run_steps`), each checked by a number a person would agree with. Local edits must also leave every pixel
 farther than the editor's feather margin from the mask byte-identical."""
 import cv2
 import numpy as np
@@ -8,9 +8,9 @@ import pytest
 import agents
 import editor
 import regions
-from agents import Step
+from plan import Step
 from data import builtin_image
-from rollout import run_steps
+from agents import run_steps
 
 
 def luma(a):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import agents
+import registry
 import data
 import regions
 
@@ -12,9 +13,9 @@ import regions
 @pytest.fixture(autouse=True, scope="module")
 def own_registry():
     """The models this file loads live in a registry of its own: other files see agents' registry as they left it."""
-    saved, agents._loaded = agents._loaded, {}
+    saved, registry._loaded = registry._loaded, {}
     yield
-    agents._loaded = saved
+    registry._loaded = saved
 
 
 def image(name, size=256):
@@ -186,7 +187,7 @@ def test_text_on_scenes():
 
 
 def test_lazy_loading(monkeypatch):
-    monkeypatch.setattr(agents, "_loaded", {})  # a fresh registry; the real one comes back after the test
+    monkeypatch.setattr(registry, "_loaded", {})  # a fresh registry; the real one comes back after the test
     regions.find(image("astronaut"), "left")
     regions.find(image("astronaut"), "red circle")
     regions.agent_for("face")
@@ -195,7 +196,7 @@ def test_lazy_loading(monkeypatch):
     assert agents.loaded() == ["face"]  # MediaPipe found it: no Haar cascade
     regions.find(image("scene0"), "face")
     assert agents.loaded() == ["face", "haar"]
-    monkeypatch.setattr(agents, "_loaded", {})
+    monkeypatch.setattr(registry, "_loaded", {})
     regions.find(image("scene0"), "background")  # no person in the selfie mask: no face agent; drawn: no saliency
     assert agents.loaded() == ["selfie"]
 
@@ -211,7 +212,7 @@ def test_fake_face_agent(monkeypatch):
         def process(self, rgb):
             return type("R", (), {"detections": [Detection]})
 
-    monkeypatch.setattr(agents, "_loaded", {})
+    monkeypatch.setattr(registry, "_loaded", {})
     monkeypatch.setitem(agents.LOADERS, "face", Fake)
     r = regions.find(image("scene0"), "face")
     assert r.agent == "face" and agents.loaded() == ["face"]

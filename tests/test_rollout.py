@@ -97,7 +97,7 @@ def test_shared_prompt_logp_equals_full_forward(tiny_dir):
     """completion_logp runs each prompt once and shares its cache; values and LoRA gradients must equal a plain
     forward pass over every full (prompt + completion) sequence."""
     import torch.nn.functional as F
-    from agents import load_planner
+    from planner import load_planner
     p = load_planner("tiny", folder=tiny_dir)
     for m in p.policy.modules():  # a non-zero adapter, so gradients reach both LoRA matrices
         if hasattr(m, "lora_B"):

@@ -199,7 +199,7 @@ def test_kl_zero_against_itself_and_positive_otherwise():
 
 def test_kl_zero_with_adapter_disabled(tiny_dir):
     """The reference is the policy with LoRA off; with LoRA B = 0 (fresh) both are the same model."""
-    from agents import load_planner
+    from planner import load_planner
     from rollout import build_prompt, completion_logp, sample_group, stop_ids
     p = load_planner("tiny", folder=tiny_dir)
     prompts = [build_prompt(p.tok, "blur the background")]
@@ -318,7 +318,7 @@ class Payload:  # a class a checkpoint would need to load: unpickling it may run
 def checkpoint_parts(tiny_dir, r=4, bits8=False):
     """A tiny policy with a LoRA adapter of rank r, its optimizer (bitsandbytes' 8-bit one, as on a GPU, or
     AdamW) after two steps, and the scheduler."""
-    from agents import load_planner
+    from planner import load_planner
     from train import lr_factor
     policy = load_planner("tiny", folder=tiny_dir, lora_r=r, lora_alpha=2 * r).policy
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -398,7 +398,7 @@ def test_adapter_loads_with_peft(tmp_path, monkeypatch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     run(tmp_path, monkeypatch, "r")
-    from agents import load_planner
+    from planner import load_planner
     trained = torch.load(tmp_path / "r" / "state.pt", weights_only=True)["lora"]
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "cache" / "imageedit-r1" / "tiny-llama")
     peft_model = PeftModel.from_pretrained(base, tmp_path / "r" / "adapter")
@@ -535,18 +535,19 @@ def test_sigkill_between_checkpoints_loses_nothing_checkpointed(tmp_path):
 
 def test_prompts_carry_the_perception_text(tiny, monkeypatch):
     """Each distinct image is described once, and the description reaches the planner's prompt."""
+    import agents
     import regions
     import rollout
     from data import make_split
-    from train import describe_images
+    from regions import describe_requests
     seen = []
     monkeypatch.setattr(regions, "describe", lambda img: seen.append(img.shape) or f"{img.shape[0]}px scene")
     samples = make_split("test", 12)
-    describe_images(samples)
+    describe_requests(samples)
     assert len(seen) == len({s["image"] for s in samples}) and set(seen) == {(512, 512, 3)}
     assert all(s["description"] == "512px scene" for s in samples)
     prompts, sample = [], rollout.sample_group
     monkeypatch.setattr(rollout, "sample_group",
                         lambda model, ps, *a, **k: prompts.extend(ps) or sample(model, ps, *a, **k))
-    rollout.greedy_plans(tiny, ["blur it"], 2, descriptions=["512px scene"])
+    agents.greedy_plans(tiny, ["blur it"], 2, descriptions=["512px scene"])
     assert "Image: 512px scene\nRequest: blur it" in tiny.tok.decode(prompts[0])
