@@ -16,6 +16,7 @@ LAYERS = [
     "regions", "grounding", "diffusion",      # 2: region and editing agents
     "agents",                                 # 2: the team: gpu24 loaders, sequencing, running a plan
     "reward",                                 # 3: every reward
+    "checkpoint",                             # 3: run folders: atomic saves, resume and its checks
     "train", "edit", "eval", "bench", "gpu_check",  # 4: entry points, never importing each other ...
 ]
 ENTRY = {"train", "edit", "eval", "bench", "gpu_check"}
