@@ -34,11 +34,8 @@ import zlib
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from plan import normalize
+from plan import ACTIONS, normalize
 
-ACTIONS = ["brighten", "darken", "increase contrast", "decrease contrast", "saturate", "desaturate", "grayscale",
-           "sepia", "warm", "cool", "recolor", "blur", "sharpen", "denoise", "remove", "crop", "rotate", "flip",
-           "vignette", "add grain", "pixelate", "replace background"]
 LABELS = ("action", "subject", "goal")
 
 

@@ -53,9 +53,10 @@ import re
 import cv2
 import numpy as np
 
-from data import ACTIONS as _DATA_ACTIONS, COLORS as _DATA_COLORS
+from data import COLORS as _DATA_COLORS
+from plan import ACTIONS as _PLAN_ACTIONS
 
-ACTIONS = list(_DATA_ACTIONS)  # the 22 canonical actions, in data.py's order
+ACTIONS = list(_PLAN_ACTIONS)  # the 22 canonical actions, in plan.py's order
 GEOMETRY = ("crop", "rotate", "flip")  # change the whole frame, ignore the mask
 WHOLE_FRAME = GEOMETRY + ("vignette",)  # ignore the mask too (a vignette belongs to the frame, not a region)
 

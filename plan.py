@@ -14,6 +14,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 FIELDS = ("action", "subject", "goal")
+# The 22 canonical actions of the built-in data and the CPU editor, written once; synonyms map onto them.
+ACTIONS = ["brighten", "darken", "increase contrast", "decrease contrast", "saturate", "desaturate", "grayscale",
+           "sepia", "warm", "cool", "recolor", "blur", "sharpen", "denoise", "remove", "crop", "rotate", "flip",
+           "vignette", "add grain", "pixelate", "replace background"]
 
 # Synonyms a planner may write, per field, mapped onto the canonical words of the built-in data (DESIGN section 4).
 # Per field because one word means different things in different tags ("color" the action vs a goal). Keys and

@@ -18,13 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import editor
-from plan import FIELDS
+from plan import ACTIONS, FIELDS
 
 SYSTEM = ("You split an image edit request into single edits. Answer only in this form, items separated by ';' "
           "and aligned by position: <action>a1; a2</action><subject>s1; s2</subject><goal>g1; g2</goal>. "
-          "Actions: brighten, darken, increase contrast, decrease contrast, saturate, desaturate, grayscale, sepia, "
-          "warm, cool, recolor, blur, sharpen, denoise, remove, crop, rotate, flip, vignette, add grain, pixelate, "
-          "replace background.")
+          f"Actions: {', '.join(ACTIONS)}.")
 
 
 def build_prompt(tok, instruction, description=None, system=SYSTEM):
