@@ -58,9 +58,10 @@ def pick_device(name="auto"):
         name, why = ("cuda", torch.cuda.get_device_name(0)) if torch.cuda.is_available() else ("cpu", "no CUDA GPU")
     else:
         why = "asked for"
-    if name.split(":")[0] == "cuda" and not torch.cuda.is_available():
+    cuda = torch.device(name).type == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise SystemExit(f"error: device {name!r} asked for, but this machine has no CUDA GPU")
-    return name, torch.bfloat16 if name.split(":")[0] == "cuda" else torch.float32, why
+    return name, torch.bfloat16 if cuda else torch.float32, why
 
 
 def planner_config(name):

