@@ -122,7 +122,7 @@ def sequencer(n=40):
     from agents import sequence
     from planner import load_planner
     from plan import STAGE
-    from data import make_split
+    from phrasings import make_split
     planner = load_planner("cpu", dequantized=True)
     plans = [s for s in make_split("test", 200) if len(s["action"]) > 1][:n]
     used = staged = 0
@@ -145,7 +145,7 @@ def outcome(adapter=None, groups=10):
     from planner import newest_adapter
     from reward import Outcome, format_plan
     from rollout import decode, stop_ids
-    from data import load_requests
+    from phrasings import load_requests
     from regions import describe_requests
     adapter = adapter or newest_adapter(preset="cpu")
     planner = load_planner("cpu", adapter=adapter, dequantized=True)

@@ -12,7 +12,8 @@ What happens: the perception agents describe the image in a line of text (the cp
 (the decomposition agent: base model + a trained LoRA adapter) writes <action><subject><goal>, the sequencing agent
 orders the items into sub-requests, and for each one a region agent finds where it applies and the CPU retouch
 editor changes those pixels. Perception and regions run on a copy of at most 512 pixels a side; the edits are
-applied to the full-resolution image.
+applied to the full-resolution image. From Python (a local web page, say), `edit_image(image, instruction,
+load_planner(preset, adapter, 64))` does this to a PIL image with a planner loaded once; the agents load lazily.
 
 Writes: the edited image (`--out`, default `<image>_edited.png` beside the input), a JSON trace beside it
 (`<out>.json`: plan, order, every step's region, agent, time and error, the agents loaded), and with `--compare` a
@@ -48,15 +49,19 @@ import json
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from data import DataError, open_image, to_rgb
+from plan import parse
+from planner import PRESETS, adapter_preset, cache_dir, dequantized_folder, newest_adapter, planner_folder
+from planner import load_planner as load_base
 
 
 def choose_adapter(args, root="runs"):
     """(adapter or None, preset): each taken from the other when not given, and never a pair that does not match.
     Exits, before any model loads, on an adapter folder that is not one or that contradicts an explicit --preset."""
-    from planner import adapter_preset, newest_adapter
     if args.adapter:
         adapter = Path(args.adapter)
         if not (adapter / "adapter_config.json").exists():
@@ -199,7 +204,6 @@ def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constra
     `constrain`: decode with rollout.PlanGrammar (only what the CPU editor can run). The VLM presets (gpu24,
     tiny_vl) load Qwen2.5-VL (`planner_name`: a hub id or folder), which reads the image itself."""
     from agents import greedy_plans
-    from planner import cache_dir, dequantized_folder, load_planner as load_base, planner_folder
     from rollout import build_prompt, plan_grammar, stop_ids
     if preset in ("cpu", "tiny") and not sequencer_model:
         import llama
@@ -223,8 +227,118 @@ def load_planner(preset, adapter, max_new_tokens, sequencer_model=False, constra
                                                   images=[im])[0]
 
 
-def main(argv=None):
-    from planner import PRESETS
+class RequestFailed(Exception):
+    """edit_image could not carry out a request: the planner wrote no plan, or no step could be applied."""
+
+
+def agent_calls(editor="retouch", regions="cpu", seed=0):
+    """(find, edit) for agents.run_steps: None for the CPU region agents and the CPU editor, else calls of the
+    grounding agent and of the diffusers editor `editor`, each loaded from the registry on its first use."""
+    import agents
+    find = edit = None
+    if regions == "grounding":
+        find = lambda im, subject: agents.agent("grounding").find(im, subject)  # noqa: E731
+    if editor != "retouch":
+        import torch
+        gen = torch.Generator().manual_seed(seed)  # one generator for the run: same request and image, same result
+        edit = lambda im, step, mask: agents.agent(editor)(im, step, mask, generator=gen)  # noqa: E731
+    return find, edit
+
+
+def carry_alpha(result, alpha, steps, trace):
+    """Put the input's transparency (an "L" image) on `result`, moved with the crops, turns and flips that ran."""
+    import numpy as np
+    from PIL import Image
+
+    import agents
+    geometry = agents.agent("retouch").GEOMETRY
+    moves = [s for s, r in zip(steps, trace) if s.action in geometry and "error" not in r]
+    if moves:
+        alpha = Image.fromarray(agents.run_steps(np.repeat(np.asarray(alpha)[..., None], 3, -1), moves)[0][..., 0])
+    result.putalpha(alpha)
+
+
+def edit_image(image, instruction, planner, description=None, editor="retouch", regions="cpu", sequencer="rules",
+               alpha=None, seed=0, log=print):
+    """Edit a PIL RGB image as `instruction` asks: (edited image, trace {"planner_output", "plan", "sequencing",
+    "steps", "seconds"}); RequestFailed if the planner writes no plan or no step applies. `planner`: load_planner's
+    (planner, write) pair; `description`: describe(image) for a text-only planner, else None; `editor`, `regions`:
+    the agents (as --editor, --regions); `sequencer`: "model" or "rules"; `alpha`: an "L" image to carry over.
+    The memory plan: unless both agents are the CPU ones, the planner is dropped once the steps are ordered, before
+    they load; it is freed only if the caller keeps no reference of its own (`main` hands its only one over)."""
+    import numpy as np
+    from PIL import Image
+
+    import agents
+    from regions import WORK_SIZE
+    model, write = planner
+    seconds, t0 = {}, time.time()
+    text = write(instruction, description, image)
+    seconds["plan"] = round(time.time() - t0, 2)
+    plan = parse(text)
+    log(f"planner output: {text!r}")
+    if not plan["ok"]:
+        raise RequestFailed("the planner's output does not follow the <action><subject><goal> format, so there is "
+                            "nothing to apply (an untrained planner rarely does; train one with `make train`)")
+    t0 = time.time()
+    steps, how = agents.sequence(plan, model if sequencer == "model" else None)
+    seconds["sequence"] = round(time.time() - t0, 2)
+    log(f"order ({how}):")
+    for i, s in enumerate(steps):
+        log(f"  {i + 1}. {s.text}")
+    if editor != "retouch" or regions != "cpu":
+        planner = model = write = None  # the memory plan: the planner leaves before the region agents and editor load
+        agents.unload()
+    find, edit = agent_calls(editor, regions, seed)
+    t0 = time.time()
+    edited, trace = agents.run_steps(np.asarray(image), steps, WORK_SIZE, find=find, edit=edit)
+    seconds["steps"] = round(time.time() - t0, 2)
+    for r in trace:
+        log(f"  step {r['step']}: {r['text']:<40} {r.get('region', '')} ({r['seconds']:.2f}s)"
+            + (f"  FAILED: {r['error']}" if "error" in r else ""))
+    if all("error" in r for r in trace):
+        raise RequestFailed("no step could be applied (see above)")
+    result = Image.fromarray(edited)
+    if alpha is not None:  # transparency survives the edit
+        carry_alpha(result, alpha, steps, trace)
+    return result, {"planner_output": text, "plan": {k: plan[k] for k in ("action", "subject", "goal")},
+                    "sequencing": how, "steps": trace, "seconds": seconds}
+
+
+def describe(image):
+    """The perception agents' line of text about a PIL RGB image, read on a copy of at most 512 pixels a side."""
+    import numpy as np
+
+    import regions
+    return regions.describe(regions.downscale(np.asarray(image), regions.WORK_SIZE))
+
+
+def load_with_perception(args, adapter, image, sequencer_model, constrain, perceive):
+    """{"planner": load_planner's pair, "description", "seconds"}, exiting if the planner cannot load. `perceive`:
+    describe `image` in a thread while the planner loads (MediaPipe and ONNX Runtime work outside the GIL)."""
+    seconds = {}
+
+    def timed_describe():
+        t = time.time()
+        text = describe(image)
+        seconds["perception"] = round(time.time() - t, 2)
+        return text
+
+    t0 = time.time()
+    with ThreadPoolExecutor(1) as pool:
+        job = pool.submit(timed_describe) if perceive else None
+        try:
+            planner = load_planner(args.preset, adapter, args.max_new_tokens, sequencer_model, constrain,
+                                   args.planner)
+        except (NotImplementedError, RuntimeError, ValueError, OSError) as e:
+            sys.exit(f"error: cannot load the {args.preset} planner" + (f" with adapter {adapter}" if adapter
+                                                                         else "") + f": {e}")
+        seconds["load_planner"] = round(time.time() - t0, 2)
+        description = job.result() if job else None
+    return {"planner": planner, "description": description, "seconds": seconds}
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("image")
     ap.add_argument("instruction")
@@ -252,8 +366,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error(f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
-    t_start = time.time()
+    return args
 
+
+def check_request(args):
+    """(instruction, adapter, output paths) after every check that runs before any model loads; sets args.preset."""
     instruction = check_instruction(args.instruction)
     preset_given = args.preset is not None
     adapter, args.preset = choose_adapter(args)
@@ -266,115 +383,63 @@ def main(argv=None):
                      + ("use --preset=cpu (the default), or --preset=tiny_vl to run gpu24's code on a tiny random "
                         "model" if preset_given else f"{adapter} is a gpu24 adapter: leave out --adapter to use "
                         "the newest cpu adapter under runs/"))
-    vlm_preset = args.preset in ("gpu24", "tiny_vl")
-    editor_name = args.editor or ("kontext" if args.preset == "gpu24" else "retouch")
-    region_name = args.regions or ("grounding" if args.preset == "gpu24" else "cpu")
-    out, trace_path, compare_path = output_paths(args)
-    from data import DataError, open_image, to_rgb
+    return instruction, adapter, output_paths(args)
+
+
+def read_image(path):
+    """(RGB image, alpha or None, frame count) of an image file's first frame, said on screen; exits if unread."""
     try:
-        original = open_image(args.image)
+        original = open_image(path)
     except DataError as e:
         sys.exit(f"error: {e}")
     rgb, alpha = to_rgb(original)
     from PIL import Image
-    with Image.open(args.image) as im:  # open_image kept the first frame; count them all to say so
+    with Image.open(path) as im:  # open_image kept the first frame; count them all to say so
         frames = getattr(im, "n_frames", 1)
-    print(f"image: {args.image} ({rgb.width}x{rgb.height}, mode {original.mode}"
+    print(f"image: {path} ({rgb.width}x{rgb.height}, mode {original.mode}"
           + (f"; {frames} frames, only the first is edited" if frames > 1 else "") + ")")
+    return rgb, alpha, frames
 
-    import warnings
 
-    import numpy as np
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    instruction, adapter, (out, trace_path, compare_path) = check_request(args)
+    editor_name = args.editor or ("kontext" if args.preset == "gpu24" else "retouch")
+    region_name = args.regions or ("grounding" if args.preset == "gpu24" else "cpu")
+    rgb, alpha, frames = read_image(args.image)
 
-    import agents
-    import regions
-    from agents import run_steps
-    from plan import parse
+    import agents  # torch and the agents' code load here, before the perception thread starts
     warnings.filterwarnings("ignore", category=FutureWarning)
     use_model = args.sequencer == "model" or (args.sequencer == "auto" and args.preset == "gpu24")
     constrain = args.preset == "cpu" if args.constrain is None else args.constrain
-    describe = args.describe if args.describe is not None else not vlm_preset  # a VLM planner sees the image
-    arr, seconds = np.asarray(rgb), {}
-
-    def perceive():  # in a thread while the planner loads: MediaPipe and ONNX Runtime work outside the GIL
-        t = time.time()
-        text = regions.describe(regions.downscale(arr, regions.WORK_SIZE))
-        seconds["perception"] = round(time.time() - t, 2)
-        return text
-
-    t0 = time.time()
-    with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(perceive) if describe else None
-        try:
-            planner, write = load_planner(args.preset, adapter, args.max_new_tokens, use_model, constrain,
-                                          args.planner)
-        except (NotImplementedError, RuntimeError, ValueError, OSError) as e:
-            sys.exit(f"error: cannot load the {args.preset} planner" + (f" with adapter {adapter}" if adapter
-                                                                         else "") + f": {e}")
-        seconds["load_planner"] = round(time.time() - t0, 2)
-        description = job.result() if job else None
+    vlm_preset = args.preset in ("gpu24", "tiny_vl")  # a VLM planner sees the image: no perception text by default
+    describe_it = args.describe if args.describe is not None else not vlm_preset
+    loaded = load_with_perception(args, adapter, rgb, use_model, constrain, describe_it)
+    description, seconds = loaded["description"], loaded["seconds"]
     newest = "" if args.adapter else f" (newest {args.preset} adapter under runs/)"
     print(f"planner: {args.preset}, " + (f"adapter {adapter}{newest}" if adapter
                                         else "base model, no adapter (train one with `make train`)"))
     if description:
         print(f"perception: {description}")
-    t0 = time.time()
-    text = write(instruction, description, rgb)
-    seconds["plan"] = round(time.time() - t0, 2)
-    plan = parse(text)
-    print(f"planner output: {text!r}")
-    if not plan["ok"]:
-        sys.exit("error: the planner's output does not follow the <action><subject><goal> format, so there is "
-                 "nothing to apply (an untrained planner rarely does; train one with `make train`); "
-                 "nothing was written")
-
-    t0 = time.time()
-    steps, how = agents.sequence(plan, planner if use_model else None)
-    seconds["sequence"] = round(time.time() - t0, 2)
-    print(f"order ({how}):")
-    for i, s in enumerate(steps):
-        print(f"  {i + 1}. {s.text}")
-
-    find = edit = None
-    if editor_name != "retouch" or region_name != "cpu":
-        planner = write = None  # the memory plan: the planner leaves before the region agents and editor load
-        agents.unload()
-    if region_name == "grounding":
-        find = lambda im, subject: agents.agent("grounding").find(im, subject)  # noqa: E731
-    if editor_name != "retouch":
-        import torch
-        gen = torch.Generator().manual_seed(0)  # one generator for the run: same request and image, same result
-        edit = lambda im, step, mask: agents.agent(editor_name)(im, step, mask, generator=gen)  # noqa: E731
-    t0 = time.time()
-    edited, trace = run_steps(arr, steps, regions.WORK_SIZE, find=find, edit=edit)
-    seconds["steps"] = round(time.time() - t0, 2)
-    for r in trace:
-        print(f"  step {r['step']}: {r['text']:<40} {r.get('region', '')} ({r['seconds']:.2f}s)"
-              + (f"  FAILED: {r['error']}" if "error" in r else ""))
-    if all("error" in r for r in trace):
-        sys.exit("error: no step could be applied (see above); nothing was written")
-
-    result = Image.fromarray(edited)
-    if alpha is not None and out.suffix.lower() in KEEPS_ALPHA:
-        geometry = agents.agent("retouch").GEOMETRY
-        moves = [s for s, r in zip(steps, trace) if s.action in geometry and "error" not in r]
-        if moves:  # transparency survives the edit, and moves with the crops, turns and flips that ran
-            alpha = Image.fromarray(run_steps(np.repeat(np.asarray(alpha)[..., None], 3, -1), moves)[0][..., 0])
-        result.putalpha(alpha)
+    try:  # pop: edit_image holds the planner's only reference, so that the memory plan can free it
+        result, trace = edit_image(rgb, instruction, loaded.pop("planner"), description, editor_name, region_name,
+                                   "model" if use_model else "rules",
+                                   alpha if out.suffix.lower() in KEEPS_ALPHA else None)
+    except RequestFailed as e:
+        sys.exit(f"error: {e}; nothing was written")
     save_atomic(result.save, out)
-    seconds["total"] = round(time.time() - t_start, 2)
+    seconds = {**seconds, **trace["seconds"], "total": round(time.time() - t_start, 2)}
     record = {"image": str(args.image), "instruction": instruction, "preset": args.preset, "editor": editor_name,
-              "regions": region_name,
-              "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height], "frames_in": frames,
-              "size_out": [result.width, result.height], "description": description, "planner_output": text,
-              "constrained": constrain,
-              "plan": {k: plan[k] for k in ("action", "subject", "goal")}, "sequencing": how, "steps": trace,
-              "agents_loaded": agents.loaded(), "agent_load_seconds": {k: round(v, 2) for k, v in
-                                                                       agents.LOAD_SECONDS.items()},
+              "regions": region_name, "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height],
+              "frames_in": frames, "size_out": [result.width, result.height], "description": description,
+              "planner_output": trace["planner_output"], "constrained": constrain, "plan": trace["plan"],
+              "sequencing": trace["sequencing"], "steps": trace["steps"], "agents_loaded": agents.loaded(),
+              "agent_load_seconds": {k: round(v, 2) for k, v in agents.LOAD_SECONDS.items()},
               "seconds": seconds, "output": str(out)}
     save_atomic(lambda p: p.write_text(json.dumps(record, indent=1)), trace_path)
     if compare_path:
-        save_atomic(compare_picture(rgb, result.convert("RGB"), instruction, trace).save, compare_path)
+        save_atomic(compare_picture(rgb, result.convert("RGB"), instruction, trace["steps"]).save, compare_path)
     print(f"wrote {out} and {trace_path}" + (f" and {compare_path}" if compare_path else "")
           + f"; agents loaded: {', '.join(agents.loaded())}; {seconds['total']:.1f}s")
     return record

@@ -235,7 +235,8 @@ def phrasing_sets(run, n):
     """Three sets of n labelled requests for a run folder: train requests its GRPO steps sampled, train requests it
     never saw (not sampled, not in the cold start; same phrasing templates), and held-out requests (templates and
     action combinations of the test split only)."""
-    from data import grpo_batch, load_requests
+    from data import grpo_batch
+    from phrasings import load_requests
     from regions import describe_requests
     missing = [f for f in ("config.json", "cold_start", "adapter") if not (Path(run) / f).exists()]
     if missing:
@@ -281,7 +282,7 @@ def main(argv=None):
     if args.phrasings:
         return phrasing_gap(args.phrasings, args.n, Path(args.out) / "plans")
     from reward import Outcome
-    from data import load_requests
+    from phrasings import load_requests
     from regions import describe_requests
     test = describe_requests(load_requests("", "test", args.n, seed=0))
     outcome = Outcome()

@@ -18,8 +18,8 @@ reward each (judge needs a VLM planner): a cold start (2 SFT steps), 2 GRPO step
 (eval_every=2), then a second call with --resume=True --steps=3, each in a fresh folder under --out. Random tiny
 models write no tags, so every reward would be flat and every group dropped: the update would never run. So the
 paper runs use a seeded random reward in place of the paper's (the planner check's), and in the outcome and judge
-runs the samples leave the decoder as a plan and a tagless text in turn: the agents, and the judge model, really
-run, and the groups have a signal. Bar: GRPO rows for steps 1, 2, 3 with a finite loss, evaluations at steps 2 and 3,
+runs the reward is shown a plan and a tagless text in turn for the samples: the agents, and the judge model, really
+run, and the groups have a signal (both given to train.main as its make_reward). Bar: GRPO rows for steps 1, 2, 3 with a finite loss, evaluations at steps 2 and 3,
 the run on the chosen device (memory.json); paper and judge: a kept group (an update) at every step; outcome and
 judge: every plan parsed and run by the agents (the outcome reward's target part is 0 for a plan that is not the
 request's, so its groups may be flat and are not required to update).
@@ -89,14 +89,26 @@ def patched(obj, name, value):
 
 
 def random_reward(seed=0):
-    """A stand-in for reward.paper_rewards: random weights write no tags (and most of their tokens decode to
-    nothing), so the paper reward is flat; a seeded random one gives every group a signal and every step an update."""
+    """A make_reward for train.main that stands in for the paper reward: random weights write no tags (and most of
+    their tokens decode to nothing), so the paper reward is flat; a seeded random one gives every group a signal and
+    every step an update."""
     g = torch.Generator().manual_seed(seed)
 
     def reward(texts, golds):
         r = torch.rand(len(texts), generator=g)
         return r, {"format": r * 0, "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
-    return reward
+    return lambda cfg, planner: reward
+
+
+def decoded_as(plans):
+    """A make_reward for train.main: the config's own reward, shown `plans` in turn instead of the sampled texts
+    (random weights write no plans), so the agents and the judge really run and groups have a signal."""
+    import reward
+
+    def make(cfg, planner):
+        score = reward.make_reward(cfg, planner)
+        return lambda texts, samples: score([plans[i % len(plans)] for i in range(len(texts))], samples)
+    return make
 
 
 def fresh(folder):
@@ -110,20 +122,14 @@ def fresh(folder):
 
 def check_train(ctx, preset, reward_name):
     """Cold start, 2 GRPO steps, evaluation, then resume to step 3, with one reward; see the docstring."""
-    import reward
-    import rollout
     import train
     run = fresh(ctx.out / f"{preset}.{reward_name}")
     args = [f"--preset={preset}", f"--reward={reward_name}", f"--out_dir={run}", "--sft_steps=2", "--steps=2",
             "--eval_every=2", "--save_every=2", "--outcome_size=64"]
-    if reward_name == "paper":
-        stand_in = patched(reward, "paper_rewards", random_reward())
-    else:  # samples leave the decoder as a plan and a tagless text in turn: runs that score, groups with a signal
-        plans = lambda tok, roll: [(PLAN, "no tags")[i % 2] for i in range(len(roll.ids))]  # noqa: E731
-        stand_in = patched(rollout, "decode", plans)
-    with stand_in:
-        train.main(train.parse_args(args))
-        train.main(train.parse_args(args + ["--steps=3", "--resume=True"]))
+    # the reward sees a plan and a tagless text in turn: runs that score, groups with a signal
+    make = random_reward() if reward_name == "paper" else decoded_as([PLAN, "no tags"])
+    train.main(train.parse_args(args), make)
+    train.main(train.parse_args(args + ["--steps=3", "--resume=True"]), make)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     grpo = [r for r in rows if r["phase"] == "grpo"]
     evals = [r["step"] for r in rows if r["phase"] == "eval"]
@@ -232,7 +238,6 @@ def planner_folder(root, tiny, device):
 
 def check_planner(out, tiny, models, device):
     """Two GRPO steps of train.py on the gpu24 preset; returns memory.json (measured and planned per phase)."""
-    import reward
     import train
     folder = planner_folder(models, tiny, device)
     run = fresh(Path(out) / "planner")
@@ -240,8 +245,7 @@ def check_planner(out, tiny, models, device):
     args += ["--preset=tiny_vl", "--grad_checkpointing=True", "--eval_n=4"] if tiny else \
         ["--preset=gpu24", "--eval_n=32"]
     t = time.time()
-    with patched(reward, "paper_rewards", random_reward()):
-        train.main(train.parse_args(args))
+    train.main(train.parse_args(args), random_reward())
     mem = json.loads((run / "memory.json").read_text())
     mem["seconds"] = round(time.time() - t)
     return mem
@@ -360,7 +364,7 @@ TRAIN_BAR = {"paper": "GRPO steps 1-3 with finite loss and a kept group each; ev
 CHECKS = {
     **{f"{p}.{r}": Check(lambda ctx, p=p, r=r: check_train(ctx, p, r),
                          f"train.py --preset={p} --reward={r}: cold start, 2 GRPO steps, eval, resume to 3 "
-                         + ("(seeded random reward)" if r == "paper" else "(decoded: a plan, a tagless text)"),
+                         + ("(seeded random reward)" if r == "paper" else "(scored: a plan, a tagless text)"),
                          TRAIN_BAR[r] + ", on the device", False) for p, r in TRAIN},
     **{f"edit.{e}": Check(lambda ctx, e=e: check_edit(ctx, e),
                           f"edit.py --preset=tiny_vl --editor={e}: a tiny random {e} pipeline edits a region",

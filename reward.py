@@ -14,19 +14,30 @@ order later), so a duplicated item only counts as often as it appears in the gol
 format is broken we still score whatever tags could be read: a small model gets partial credit while it learns
 the format, but it never gets the format point.
 
-Everything here is batched: `paper_rewards(completions, golds)` scores a whole list in one call and returns the
-rewards plus per-part tensors for logging.
+Every reward has one shape: a function `(completions, samples) -> (rewards (N,), info)` that scores a whole batch
+in one call, on the CPU; `info` maps names to tensors for the log, (N,) per completion or 0-d batch totals.
 
 The outcome reward (`Outcome`, below) closes the loop the paper leaves open: it runs each plan through the agents
 and scores the edited image against the target image, the pixels that should not change, and a no-reference quality
-score. `judge_rewards` scores the same edited images with the local VLM judge instead (vlm.judge: completion,
-quality, preservation, as the paper's GPT-4o judges do; gpu24 only). train.py's `reward` chooses paper, outcome,
-both or judge.
+score. `Judge` scores the same edited images with the local VLM judge instead (vlm.judge: completion, quality,
+preservation, as the paper's GPT-4o judges do; VLM planners only). `make_reward(cfg, planner)` builds the one that
+the config's `reward` names: paper, outcome, both or judge.
 """
+import os
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+import agents
+import editor
+import regions
+import vlm
+from data import load_image, sample_image
 from plan import FIELDS, f1, format_plan, normalize, parse  # noqa: F401  (format_plan: tests)
 
 def paper_rewards(completions, golds):
@@ -75,9 +86,6 @@ BRISQUE_FILES = ("brisque_model_live.yml", "brisque_range_live.yml")
 
 def brisque_dir():
     """Where the BRISQUE model files are: $BRISQUE_DIR, this Python's share/ (make install), or the system's."""
-    import os
-    import sys
-    from pathlib import Path
     for d in (os.environ.get("BRISQUE_DIR"), Path(sys.prefix) / "share/opencv4/quality", "/usr/share/opencv4/quality"):
         if d and all((Path(d) / f).exists() for f in BRISQUE_FILES):
             return Path(d)
@@ -113,9 +121,6 @@ class Outcome:
         """The image after `steps` and the first error (or None); every prefix is run once and cached.
         Regions are found on the image after the plan's geometry steps (the rules put those first), so a subject's
         mask is found once per image and frame, whatever tone edits came before it."""
-        import editor
-        import regions
-        from agents import run_steps
         err, done, frame, framed = None, (), (), image
 
         def find(_, subject):
@@ -132,7 +137,7 @@ class Outcome:
             done += ((step.action, step.subject, step.goal),)
             hit = self.runs.pop((key, done), None)
             if hit is None:
-                out, trace = run_steps(image, [step], work_size=self.size, find=find)
+                out, trace = agents.run_steps(image, [step], work_size=self.size, find=find)
                 hit = (out, trace[0].get("error"))
                 self.counts["steps_run"] += 1
                 self.counts["agent_errors"] += bool(hit[1]) and not hit[1].startswith("EditError")
@@ -149,21 +154,11 @@ class Outcome:
 
     def source(self, s):
         """A sample's image as the outcome reward edits it: RGB uint8, at most `size` pixels a side."""
-        import numpy as np
-
-        import regions
-        from data import sample_image
         return regions.downscale(np.asarray(sample_image(s, self.size)), self.size)
 
     def _image(self, s):
         """(source, target, gold mask) of a sample's image, computed once per image and gold plan; None when the
         agents cannot carry out the gold plan itself (there is no target to compare with)."""
-        import numpy as np
-
-        import agents
-        import editor
-        import regions
-        from data import load_image
         key = self._request(s)
         if key in self.images:
             return self.images[key]
@@ -191,7 +186,6 @@ class Outcome:
     def score(self, edited, src, tgt, mask):
         """{'target', 'preserve', 'quality'} of one edited image; a part that does not apply is absent."""
         import cv2
-        import numpy as np
         out = {}
         e = edited if edited.shape == tgt.shape else cv2.resize(edited, (tgt.shape[1], tgt.shape[0]),
                                                                interpolation=cv2.INTER_AREA)
@@ -211,7 +205,6 @@ class Outcome:
         """(rewards (N,), info): info maps 'outcome', 'target', 'preserve', 'quality' (NaN where not scored),
         'failed' (1: an agent failed on a step), 'parsed' and 'scorable' (0: the agents cannot run the gold plan, so
         there is no target; such a request gets 0 whatever the plan) to (N,) tensors."""
-        import agents
         assert len(completions) == len(samples), f"{len(completions)} completions but {len(samples)} samples"
         names, rows, scored = ("target", "preserve", "quality"), [], {}
         for text, s in zip(completions, samples):
@@ -241,46 +234,72 @@ class Outcome:
         return info["outcome"].clone(), info
 
 
-def judge_rewards(planner, outcome, completions, samples):
+class Judge:
     """(rewards (N,), info) from the local judge (vlm.judge, the planner's base with its adapter off): each parsed
-    plan is run by the agents on the sample's image at outcome.size (cached like the outcome reward's runs), and
-    the judge scores completion, quality and preservation from 0 to 10; the reward is their mean / 10. A plan that
-    does not parse or whose run fails gets 0 and is counted. Needs a VLM planner (gpu24, tiny_vl). No gold labels
-    or targets are used: a dataset of bare requests can be trained on. Each distinct (request, ordered plan) of the
-    batch is judged once and its score shared: identical plans get identical rewards (a bf16 judge scoring the
-    same plan in two batches differs in the last bits, which group normalisation would blow up)."""
-    import agents
-    import vlm
-    from PIL import Image
-    jobs, sources, info = [], {}, {k: torch.full((len(completions),), float("nan")) for k in vlm.QUESTIONS}
-    owners, seen = [], {}  # owners: (sample, job) pairs; seen: (image, request, plan) -> its job
-    info.update(parsed=torch.zeros(len(completions)), failed=torch.zeros(len(completions)))
-    for i, (text, s) in enumerate(zip(completions, samples)):
-        p = parse(text)
-        info["parsed"][i] = float(p["ok"])
-        if not p["ok"]:
-            continue
-        steps, _ = agents.sequence(p)
-        key = outcome._key(s)
-        plan = (key, s["instruction"], tuple((x.action, x.subject, x.goal) for x in steps))
-        if plan in seen:
+    plan is run by the agents on the sample's image at outcome.size (with the outcome reward's cache), and the judge
+    scores completion, quality and preservation from 0 to 10; the reward is their mean / 10. A plan that does not
+    parse or whose run fails gets 0 and is counted. Needs a VLM planner (gpu24, tiny_vl). No gold labels or targets
+    are used: a dataset of bare requests can be trained on. Each distinct (request, ordered plan) of the batch is
+    judged once and its score shared: identical plans get identical rewards (a bf16 judge scoring the same plan in
+    two batches differs in the last bits, which group normalisation would blow up)."""
+
+    def __init__(self, planner, outcome):
+        self.planner, self.outcome = planner, outcome
+
+    def __call__(self, completions, samples):
+        outcome, n = self.outcome, len(completions)
+        jobs, sources, info = [], {}, {k: torch.full((n,), float("nan")) for k in vlm.QUESTIONS}
+        owners, seen = [], {}  # owners: (sample, job) pairs; seen: (image, request, plan) -> its job
+        info.update(parsed=torch.zeros(n), failed=torch.zeros(n))
+        for i, (text, s) in enumerate(zip(completions, samples)):
+            p = parse(text)
+            info["parsed"][i] = float(p["ok"])
+            if not p["ok"]:
+                continue
+            steps, _ = agents.sequence(p)
+            key = outcome._key(s)
+            plan = (key, s["instruction"], tuple((x.action, x.subject, x.goal) for x in steps))
+            if plan in seen:
+                owners.append((i, seen[plan]))
+                continue
+            if key not in sources:  # once per image, not once per sample of its group
+                sources[key] = outcome.source(s)
+            edited, err = outcome._execute(key, sources[key], steps)
+            seen[plan] = None if err else len(jobs)
             owners.append((i, seen[plan]))
-            continue
-        if key not in sources:  # once per image, not once per sample of its group
-            sources[key] = outcome.source(s)
-        src = sources[key]
-        edited, err = outcome._execute(key, src, steps)
-        seen[plan] = None if err else len(jobs)
-        owners.append((i, seen[plan]))
-        if not err:
-            jobs.append((s["instruction"], Image.fromarray(src), Image.fromarray(edited)))
-    rewards = torch.zeros(len(completions))
-    info["failed"][[i for i, j in owners if j is None]] = 1.0
-    owners = [(i, j) for i, j in owners if j is not None]
-    if jobs:
-        scores = vlm.judge(planner, *zip(*jobs))  # (n, 3): one row per distinct plan
-        rows, idx = torch.tensor([i for i, _ in owners]), torch.tensor([j for _, j in owners])
-        rewards[rows] = scores[idx].mean(1) / 10
-        for k, name in enumerate(vlm.QUESTIONS):
-            info[name][rows] = scores[idx, k]
-    return rewards, info
+            if not err:
+                jobs.append((s["instruction"], Image.fromarray(sources[key]), Image.fromarray(edited)))
+        rewards = torch.zeros(n)
+        info["failed"][[i for i, j in owners if j is None]] = 1.0
+        owners = [(i, j) for i, j in owners if j is not None]
+        if jobs:
+            scores = vlm.judge(self.planner, *zip(*jobs))  # (n, 3): one row per distinct plan
+            rows, idx = torch.tensor([i for i, _ in owners]), torch.tensor([j for _, j in owners])
+            rewards[rows] = scores[idx].mean(1) / 10
+            for k, name in enumerate(vlm.QUESTIONS):
+                info[name][rows] = scores[idx, k]
+        return rewards, info
+
+
+def make_reward(cfg, planner=None):
+    """The reward that cfg.reward names, as one function (completions, samples) -> (rewards (N,), info): "paper",
+    "outcome" (Outcome at cfg.outcome_size with cfg.outcome_weights), "both" (cfg.outcome_mix * outcome +
+    (1 - cfg.outcome_mix) * paper) or "judge" (Judge; needs the VLM `planner`). The paper's parts (format, F1s)
+    are always in info, so every run logs them; the others add their parts, the agents' step counts of the batch
+    and their seconds."""
+    if cfg.reward == "paper":
+        return paper_rewards
+    outcome = Outcome(cfg.outcome_size, cfg.outcome_weights, quality=cfg.reward != "judge")
+    scorer = Judge(planner, outcome) if cfg.reward == "judge" else outcome
+    mix = cfg.outcome_mix if cfg.reward == "both" else 1.0
+
+    def reward(completions, samples):
+        t, counts = time.time(), dict(outcome.counts)
+        paper, info = paper_rewards(completions, samples)
+        rewards, parts = scorer(completions, samples)
+        info.update({k: v for k, v in parts.items() if not v.isnan().all()}, paper_reward=paper)
+        info.update({k: torch.tensor(float(outcome.counts[k] - counts.get(k, 0)))
+                     for k in ("agent_errors", "steps_run", "steps_reused")})
+        info["outcome_seconds"] = torch.tensor(time.time() - t)
+        return mix * rewards + (1 - mix) * paper, info
+    return reward

@@ -27,20 +27,21 @@ def signal_rewards(texts, golds):
 
 
 def run(tmp_path, monkeypatch, *args):
-    """train.main on the emulated device; returns (the planner it trained, its GRPO rows). Every other sampled
-    plan is replaced by a runnable one, so the outcome and judge rewards have plans to run and score."""
+    """train.main on the emulated device; returns (the planner it trained, its GRPO rows). The paper reward is
+    `signal_rewards`; the others are shown a runnable plan for every other sample, so they have plans to run."""
     import reward
-    import rollout
-    monkeypatch.setattr(reward, "paper_rewards", signal_rewards)
-    plan, decode = reward.format_plan(["brighten"], ["whole image"], ["strongly"]), rollout.decode
-    monkeypatch.setattr(rollout, "decode", lambda tok, roll: [plan if i % 2 else t
-                                                              for i, t in enumerate(decode(tok, roll))])
+    plan, loaded = reward.format_plan(["brighten"], ["whole image"], ["strongly"]), []
+
+    def make_reward(cfg, planner):
+        loaded.append(planner)
+        if cfg.reward == "paper":
+            return signal_rewards
+        score = reward.make_reward(cfg, planner)
+        return lambda texts, samples: score([plan if i % 2 else t for i, t in enumerate(texts)], samples)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    loaded, load = [], train.load_policy
-    monkeypatch.setattr(train, "load_policy", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     out = tmp_path / "run"
     train.main(train.parse_args(["--device=fakegpu", "--quantize=False", "--steps=2", "--eval_every=2",
-                                 "--save_every=1", "--sft_steps=1", f"--out_dir={out}", *args]))
+                                 "--save_every=1", "--sft_steps=1", f"--out_dir={out}", *args]), make_reward)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return loaded[-1], [r for r in rows if r["phase"] == "grpo"]
 

@@ -1,4 +1,5 @@
-"""Tests for data.py: built-in images, the synthetic splits and their hold-out, dataset folders, image loading."""
+"""Tests for data.py and phrasings.py: built-in images, the synthetic splits and their hold-out, dataset folders,
+image loading."""
 import json
 import random
 import string
@@ -12,9 +13,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import phrasings  # noqa: E402
 from data import DataError  # noqa: E402
 
-TRAIN, TEST = data.make_split("train"), data.make_split("test")
+TRAIN, TEST = phrasings.make_split("train"), phrasings.make_split("test")
 
 
 def template_ids(samples):
@@ -34,14 +36,14 @@ def check_sample(s, split):
         for item in (a, subj, g):
             assert item and item == item.lower().strip() and ";" not in item
         assert a in data.ACTIONS
-        assert subj in data.subjects_for(a, s["image"]), (a, subj, s["image"])
-        assert g in data.GOALS[a]
+        assert subj in phrasings.subjects_for(a, s["image"]), (a, subj, s["image"])
+        assert g in phrasings.GOALS[a]
     if k > 1:
-        assert len(set(s["action"])) == k and data.combo_split(s["action"]) == split
+        assert len(set(s["action"])) == k and phrasings.combo_split(s["action"]) == split
         gone = {subj for a, subj in zip(s["action"], s["subject"]) if a in ("remove", "replace background")}
         assert not any(subj in gone for a, subj in zip(s["action"], s["subject"])
                        if a not in ("remove", "replace background")), s
-    assert all(data.TEMPLATE_SPLIT[t] == split for t in s["template"].split("+"))
+    assert all(phrasings.TEMPLATE_SPLIT[t] == split for t in s["template"].split("+"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -50,7 +52,7 @@ def check_sample(s, split):
 def test_actions_are_the_22_canonical_ones():
     assert len(data.ACTIONS) == len(set(data.ACTIONS)) == 22
     assert {"brighten", "recolor", "replace background", "add grain", "pixelate"} <= set(data.ACTIONS)
-    assert list(data.TEMPLATES) == data.ACTIONS and set(data.GOALS) == set(data.ACTIONS)
+    assert list(phrasings.TEMPLATES) == data.ACTIONS and set(phrasings.GOALS) == set(data.ACTIONS)
 
 
 def test_builtin_images_are_rgb_256_and_deterministic():
@@ -86,7 +88,7 @@ def test_drawn_scenes_show_their_objects():
     """The metadata of a scene must match what is drawn: each named object's colour covers a good patch."""
     for i in range(data.N_SCENES):
         arr = np.asarray(data.builtin_image(f"scene{i}")).astype(int)
-        objects = [s for s in data.image_subjects(f"scene{i}") if data._color_of(s)]
+        objects = [s for s in data.image_subjects(f"scene{i}") if phrasings._color_of(s)]
         assert 1 <= len(objects) <= 3
         for obj in objects:
             rgb = data.COLORS[obj.split()[0]]
@@ -99,18 +101,18 @@ def test_drawn_scenes_show_their_objects():
 
 def test_default_sizes_and_determinism():
     assert len(TRAIN) == 2000 and len(TEST) == 200
-    assert data.make_split("test") == TEST
-    assert data.make_split("test", 50, seed=1) == data.make_split("test", 50, seed=1)
-    assert data.make_split("test", 50, seed=1) != data.make_split("test", 50, seed=2)
-    assert data.make_split("test", 20) == TEST[:20]  # a smaller n is a prefix
-    assert data.make_split("train", 0) == []
+    assert phrasings.make_split("test") == TEST
+    assert phrasings.make_split("test", 50, seed=1) == phrasings.make_split("test", 50, seed=1)
+    assert phrasings.make_split("test", 50, seed=1) != phrasings.make_split("test", 50, seed=2)
+    assert phrasings.make_split("test", 20) == TEST[:20]  # a smaller n is a prefix
+    assert phrasings.make_split("train", 0) == []
 
 
 def test_bad_split_arguments():
     with pytest.raises(DataError, match="'val'"):
-        data.make_split("val")
+        phrasings.make_split("val")
     with pytest.raises(DataError, match="non-negative"):
-        data.make_split("train", -1)
+        phrasings.make_split("train", -1)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -122,44 +124,44 @@ def test_every_sample_is_valid(split):
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**32), split=st.sampled_from(["train", "test"]))
 def test_any_seed_gives_valid_samples(seed, split):
-    for s in data.make_split(split, 40, seed=seed):
+    for s in phrasings.make_split(split, 40, seed=seed):
         check_sample(s, split)
 
 
 def test_every_template_renders_every_goal():
     rng = random.Random(0)
-    for a, templates in data.TEMPLATES.items():
+    for a, templates in phrasings.TEMPLATES.items():
         for t in templates:
             slots = {f for _, f, _, _ in string.Formatter().parse(t) if f}
             # exactly one way to carry the goal, so every label can be read off the text
-            expect = {"s"} if data.GOALS[a] == ["full"] else None
+            expect = {"s"} if phrasings.GOALS[a] == ["full"] else None
             if expect:
                 assert slots <= expect, (a, t)
             else:
                 assert len(slots - {"s"}) == 1, (a, t)
-            for g in data.GOALS[a]:
-                text = data.render(rng, t, a, "whole image", g)
+            for g in phrasings.GOALS[a]:
+                text = phrasings.render(rng, t, a, "whole image", g)
                 assert "{" not in text and "}" not in text
 
 
 def test_templates_and_combinations_are_held_out():
     for a in data.ACTIONS:
-        splits = [data.TEMPLATE_SPLIT[f"{a}/{i}"] for i in range(len(data.TEMPLATES[a]))]
+        splits = [phrasings.TEMPLATE_SPLIT[f"{a}/{i}"] for i in range(len(phrasings.TEMPLATES[a]))]
         assert splits.count("test") >= 1 and splits.count("train") >= 2, a
     assert template_ids(TRAIN).isdisjoint(template_ids(TEST))
     assert combos(TRAIN).isdisjoint(combos(TEST))
     assert {s["instruction"] for s in TRAIN}.isdisjoint({s["instruction"] for s in TEST})
     assert combos(TRAIN) and combos(TEST)
-    composite = {split: {t.split("/")[0] for t in template_ids(samples)} & set(data.COMPOSITES)
+    composite = {split: {t.split("/")[0] for t in template_ids(samples)} & set(phrasings.COMPOSITES)
                  for split, samples in (("train", TRAIN), ("test", TEST))}
     assert composite["train"] and composite["test"] and composite["train"].isdisjoint(composite["test"])
-    assert len(data.COMPOSITES) >= 4 and all(2 <= len(e) <= 3 for _, e in data.COMPOSITES.values())
+    assert len(phrasings.COMPOSITES) >= 4 and all(2 <= len(e) <= 3 for _, e in phrasings.COMPOSITES.values())
 
 
 def test_combo_split_is_stable_and_order_free():
-    assert data.combo_split(["blur", "warm"]) == data.combo_split(["warm", "blur"])
+    assert phrasings.combo_split(["blur", "warm"]) == phrasings.combo_split(["warm", "blur"])
     # zlib.crc32 of "blur+brighten+warm" is fixed forever, unlike Python's salted hash()
-    assert data.combo_split(["warm", "blur", "brighten"]) == "test"
+    assert phrasings.combo_split(["warm", "blur", "brighten"]) == "test"
 
 
 def test_every_action_appears_in_both_splits():
@@ -173,7 +175,7 @@ def test_every_action_appears_in_both_splits():
 # Folders
 
 def test_round_trip(tmp_path):
-    samples = data.make_split("test", 20)
+    samples = phrasings.make_split("test", 20)
     out = data.write_folder(samples, tmp_path / "ds")
     back = data.read_folder(out)
     assert [b["instruction"] for b in back] == [s["instruction"] for s in samples]
@@ -186,9 +188,9 @@ def test_round_trip(tmp_path):
 
 
 def test_write_refuses_to_overwrite_and_copies_image_paths(tmp_path):
-    first = data.write_folder(data.make_split("train", 3), tmp_path / "a")
+    first = data.write_folder(phrasings.make_split("train", 3), tmp_path / "a")
     with pytest.raises(DataError, match="already exists"):
-        data.write_folder(data.make_split("train", 3), first)
+        data.write_folder(phrasings.make_split("train", 3), first)
     samples = data.read_folder(first)
     samples[0]["target_path"] = samples[1]["image_path"]
     copy = data.read_folder(data.write_folder(samples, tmp_path / "b"))

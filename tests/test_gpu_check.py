@@ -75,7 +75,6 @@ def test_tiny_runs_every_check_and_all_pass(places, monkeypatch):
     import registry
     import edit
     import reward
-    import rollout
     quantized = []
     real = gpu_check.nf4_linears
 
@@ -83,7 +82,7 @@ def test_tiny_runs_every_check_and_all_pass(places, monkeypatch):
         real(module, dtype)
         quantized.extend(m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit))
     monkeypatch.setattr(gpu_check, "nf4_linears", count)
-    stand_ins = (reward.paper_rewards, rollout.decode, edit.load_planner, registry.LOADERS)
+    stand_ins = (reward.paper_rewards, edit.load_planner, registry.LOADERS)
     out = places / "out"
     r = gpu_check.main(["--tiny", f"--out={out}"])
     checks = r["checks"]
@@ -103,7 +102,7 @@ def test_tiny_runs_every_check_and_all_pass(places, monkeypatch):
     assert json.loads((out / "gpu_check.json").read_text())["failed"] == []
     assert (out / "planner" / "adapter" / "adapter_config.json").exists()
     # the checks' stand-ins are not left behind
-    assert (reward.paper_rewards, rollout.decode, edit.load_planner, registry.LOADERS) == stand_ins
+    assert (reward.paper_rewards, edit.load_planner, registry.LOADERS) == stand_ins
     assert not agents.loaded() or not set(agents.loaded()) & set(gpu_check.EDITORS)
 
 

@@ -10,9 +10,11 @@ ROOT = Path(__file__).parent.parent
 # Lowest first. A file imports only files listed before it.
 LAYERS = [
     "plan",                                   # 0: the plan vocabulary, parser, formatter, Steps (no torch)
-    "data",                                   # 0: images, requests, splits, dataset folders, a step's batch
+    "data",                                   # 0: images, dataset folders, a step's batch
+    "phrasings",                              # 0: the built-in requests: templates, the train/test splits
     "editor", "registry",                     # the CPU editor; the lazy registry of agents (CPU loaders)
     "rollout", "planner", "llama", "vlm", "memory",  # 1: sampling and log-probs; loading planners; memory plan
+    "config",                                 # 1: a run's settings, presets and command line
     "regions", "grounding", "diffusion",      # 2: region and editing agents
     "agents",                                 # 2: the team: gpu24 loaders, sequencing, running a plan
     "reward",                                 # 3: every reward

@@ -8,7 +8,8 @@ from dataclasses import fields
 import pytest
 import torch
 
-from train import Config, PRESETS, evaluate, parse_args
+from config import PRESETS, Config
+from train import evaluate, parse_args
 
 
 def test_overrides_and_presets(capsys):
@@ -17,7 +18,7 @@ def test_overrides_and_presets(capsys):
         ("tiny", 2, 1.0, ("q_proj",), "x/y")
     assert cfg.group_size == PRESETS["tiny"]["group_size"]  # from the preset
     assert "override: lora_r = 2" in capsys.readouterr().out
-    from train import detect_preset
+    from config import detect_preset
     assert parse_args([]) == Config(preset=detect_preset()[0])  # auto: what this machine is meant for
     assert f"preset: {detect_preset()[0]} (" in capsys.readouterr().out
 
@@ -28,7 +29,7 @@ def test_auto_preset_needs_the_gpu24_planner_at_hand(tmp_path, monkeypatch):
 
     from huggingface_hub import constants
 
-    from train import detect_preset
+    from config import detect_preset
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name="RTX 4090",
                                                                                         total_memory=24 * 2**30))
@@ -117,7 +118,7 @@ def test_help_lists_every_field_with_its_default_and_comment(flag, capsys):
 
 
 def test_evaluate_scores_heldout(tiny):
-    from data import make_split
+    from phrasings import make_split
     cfg = parse_args(["--preset=tiny"])
     samples = make_split("test", 3)
     scores, texts = evaluate(tiny, samples, cfg)
@@ -240,12 +241,15 @@ def fake_rewards(texts, golds):
     return r, {"format": torch.zeros_like(r), "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
 
 
-def run(tmp_path, monkeypatch, name, *extra):
-    import reward
-    monkeypatch.setattr(reward, "paper_rewards", fake_rewards)
+def run(tmp_path, monkeypatch, name, *extra, planners=None):
+    """A tiny run with `fake_rewards` (given to main as its reward); `planners` gets the run's planner."""
+    def make_reward(cfg, planner):
+        if planners is not None:
+            planners.append(planner)
+        return fake_rewards
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = parse_args(["--preset=tiny", f"--out_dir={tmp_path / name}", *extra])
-    main(cfg)
+    main(cfg, make_reward)
     rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["phase"] == "grpo"], rows
 
@@ -412,8 +416,8 @@ def test_eval_adapter_reproduces_the_run(tmp_path, monkeypatch):
     _, rows = run(tmp_path, monkeypatch, "e")
     final = [r for r in rows if r["phase"] == "eval"][-1]
     cfg = parse_args(["--preset=tiny", f"--eval_adapter={tmp_path / 'e' / 'adapter'}"])
-    scores = main(cfg)
-    assert scores == {k: v for k, v in final.items() if k not in ("phase", "step")}
+    (scores,) = main(cfg)
+    assert scores == {**final, "phase": "eval adapter", "step": 0}
     with pytest.raises(SystemExit, match="is not an adapter folder"):
         main(parse_args(["--preset=tiny", f"--eval_adapter={tmp_path}"]))
 
@@ -441,14 +445,12 @@ def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
     they were, the run stops after max_bad_steps with a message, and the memory meter's thread is ended."""
     import threading
 
-    import train
-    loaded, load = [], train.load_policy
-    monkeypatch.setattr(train, "load_policy", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    loaded = []
     real_clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, m: real_clip(params, m) * float("inf"))
     threads = threading.active_count()
     with pytest.raises(SystemExit, match="non-finite gradient norm \\(inf\\) 2 steps in a row"):
-        run(tmp_path, monkeypatch, "inf", "--steps=3", "--max_bad_steps=2", "--save_every=1")
+        run(tmp_path, monkeypatch, "inf", "--steps=3", "--max_bad_steps=2", "--save_every=1", planners=loaded)
     assert threading.active_count() == threads  # no sampling thread left behind
     rows = [json.loads(x) for x in (tmp_path / "inf" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r["phase"] == "grpo"]  # no step was taken, none logged as one
@@ -458,7 +460,8 @@ def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
 
 
 def test_trains_on_a_dataset_folder(tmp_path, monkeypatch):
-    from data import DataError, make_split, write_folder
+    from data import DataError, write_folder
+    from phrasings import make_split
     write_folder(make_split("train", 40), tmp_path / "mine")
     grpo, rows = run(tmp_path, monkeypatch, "f", f"--train_dir={tmp_path / 'mine'}", f"--eval_dir={tmp_path / 'mine'}")
     assert len(grpo) == 4 and rows[0]["phase"] == "eval zero-shot"
@@ -477,7 +480,8 @@ def test_bad_data_is_refused_before_the_planner_loads(tmp_path, monkeypatch):
     """A missing folder, a broken metadata.jsonl, an unknown action or too few requests for a batch: reported
     before the planner loads and before the run folder (config.json) is written."""
     import train
-    from data import DataError, make_split, write_folder
+    from data import DataError, write_folder
+    from phrasings import make_split
     monkeypatch.setattr(train, "load_policy", lambda *a, **k: pytest.fail("the planner was loaded first"))
 
     def folder(name, n, edit=None):
@@ -538,7 +542,7 @@ def test_prompts_carry_the_perception_text(tiny, monkeypatch):
     import agents
     import regions
     import rollout
-    from data import make_split
+    from phrasings import make_split
     from regions import describe_requests
     seen = []
     monkeypatch.setattr(regions, "describe", lambda img: seen.append(img.shape) or f"{img.shape[0]}px scene")

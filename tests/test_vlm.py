@@ -139,8 +139,8 @@ def test_lora_targets_are_respected(tiny_vl_dir):
 
 def test_judge_scores_each_distinct_plan_once(tiny_vl, monkeypatch):
     """Identical plans of a group share one judge call and so one reward: no bf16 batch noise between them."""
-    from data import make_split
-    from reward import Outcome, format_plan, judge_rewards
+    from phrasings import make_split
+    from reward import Judge, Outcome, format_plan
     s = make_split("test", 1)[0]
     a = format_plan(["brighten"], ["whole image"], ["strongly"])
     b = format_plan(["blur"], ["whole image"], ["strongly"])
@@ -151,7 +151,7 @@ def test_judge_scores_each_distinct_plan_once(tiny_vl, monkeypatch):
         calls.append(len(requests))
         return real(planner, requests, befores, afters, batch) + 0.01 * torch.arange(len(requests))[:, None]
     monkeypatch.setattr(vlm, "judge", judge)
-    rewards, info = judge_rewards(tiny_vl, Outcome(64, quality=False), [a, b, a, "no tags", a], [s] * 5)
+    rewards, info = Judge(tiny_vl, Outcome(64, quality=False))([a, b, a, "no tags", a], [s] * 5)
     assert calls == [2]  # two distinct plans judged, once each
     assert rewards[0] == rewards[2] == rewards[4] != rewards[1] and rewards[3] == 0
     assert info["parsed"].tolist() == [1, 1, 1, 0, 1] and info["failed"].sum() == 0
