@@ -20,8 +20,14 @@ import time
 
 import torch
 
-from planner import load_planner
-from rollout import build_prompt, left_pad, sample_group
+from agents import sequence
+from data import builtin_image
+from phrasings import load_requests, make_split
+from plan import STAGE
+from planner import load_planner, newest_adapter
+from regions import describe_requests
+from reward import Outcome, format_plan
+from rollout import build_prompt, decode, left_pad, sample_group, stop_ids
 
 
 def main(preset="cpu", group_size=8, new_tokens=64, prompt_tokens=100, repeats=5, threads=0):
@@ -99,7 +105,6 @@ def edit(adapter=None, request="make his face brighter and blur the background s
     """Run edit.py as a user does on the 512x512 astronaut: first with an empty cache folder (the GGUF conversion
     and the dequantized copy are built), then 5 times more (warm: only imports, loads and the work)."""
     import subprocess
-    from data import builtin_image
     with tempfile.TemporaryDirectory(prefix="imageedit-bench-") as tmp:
         photo = os.path.join(tmp, "astronaut.png")
         builtin_image("astronaut", 512).save(photo)
@@ -119,10 +124,6 @@ def edit(adapter=None, request="make his face brighter and blur the background s
 def sequencer(n=40):
     """How the zero-shot sequencing model (SmolLM2 base, adapter off) orders the test split's multi-edit plans:
     how often its answer is usable, and how often it respects the stage order the rules encode."""
-    from agents import sequence
-    from planner import load_planner
-    from plan import STAGE
-    from phrasings import make_split
     planner = load_planner("cpu", dequantized=True)
     plans = [s for s in make_split("test", 200) if len(s["action"]) > 1][:n]
     used = staged = 0
@@ -142,11 +143,6 @@ def outcome(adapter=None, groups=10):
     `groups` held-out requests, as in training. Targets and gold masks are built first (once per image in
     training); then each group is scored by a fresh scorer without any cache, and by one scorer with its caches,
     in training order."""
-    from planner import newest_adapter
-    from reward import Outcome, format_plan
-    from rollout import decode, stop_ids
-    from phrasings import load_requests
-    from regions import describe_requests
     adapter = adapter or newest_adapter(preset="cpu")
     planner = load_planner("cpu", adapter=adapter, dequantized=True)
     tests = describe_requests(load_requests("", "test", groups, seed=0))

@@ -49,6 +49,7 @@ from PIL import Image
 
 import editor
 from editor import EditError
+from planner import no_avx512_repack
 
 
 class MissingModel(OSError):
@@ -142,9 +143,8 @@ class DiffusionEditor:
                                    f"failed: {e} On the CPU pass quantize=False.") from e
             raise
         if self.quantize:  # bitsandbytes' in-place AVX512-BF16 repack on CPUs that have it breaks NF4 layers
-            from planner import _no_avx512_repack
             for part in self.nf4_parts:
-                _no_avx512_repack(getattr(pipe, part))
+                no_avx512_repack(getattr(pipe, part))
         if self.offload:
             pipe.enable_model_cpu_offload(device=self.device)
         else:

@@ -33,6 +33,16 @@ import statistics
 import time
 from pathlib import Path
 
+import agents
+import editor
+from agents import greedy_plans
+from data import REGIONS, grpo_batch, image_names, image_subjects
+from phrasings import load_requests
+from planner import load_planner
+from regions import describe_requests
+from reward import Outcome, format_plan, paper_rewards, parse
+from rollout import plan_grammar
+
 ROWS = ["keyword baseline", "cold start", *(f"GRPO, {r} reward{how}" for how in (", free rollouts", "")
                                             for r in ("paper", "outcome", "both"))]
 COLUMNS = [("target", "target sim."), ("target_1", "target, 1 edit"), ("target_2", "target, 2+ edits"),
@@ -74,15 +84,12 @@ AMOUNTS = [("strongly", r"\b(much|far|way|a lot|heavily|strong(ly)?|dramatic(all
 
 
 def _subjects():
-    from data import REGIONS, image_names, image_subjects
     names = {s for m in image_names() for s in image_subjects(m)} | set(REGIONS) | {"background", "text"}
     return sorted(names, key=len, reverse=True)
 
 
 def keyword_plan(instruction):
     """The keyword baseline's plan for a request, as a completion in the planner's tag format."""
-    import editor
-    from reward import format_plan
     text = instruction.lower().replace("black and white", "black-and-white")
     clauses = [c for c in re.split(r"[,;.]|\band\b|\bthen\b|\balso\b", text) if c.strip()]
     subjects, plan = _subjects(), ([], [], [])
@@ -138,9 +145,6 @@ def plans(adapter, samples, cache_dir, constrain=True):
     """Greedy plans of the cpu planner with this adapter, batched, as in train.py's evaluation; `constrain`: with
     the plan grammar. Kept in cache_dir and reused while the adapter file, the requests and `constrain` are
     unchanged, so a rerun only plans for new runs."""
-    from planner import load_planner
-    from rollout import plan_grammar
-    from agents import greedy_plans
     weights = Path(adapter) / "adapter_model.safetensors"
     key = {"adapter": str(Path(adapter).resolve()), "mtime": weights.stat().st_mtime,
            "requests": [s["instruction"] for s in samples], "constrain": constrain}
@@ -160,7 +164,6 @@ def score(texts, samples, outcome):
     """Mean metrics of one system's plans, and the per-request values."""
     import torch
 
-    from reward import paper_rewards, parse
     paper, info = paper_rewards(texts, samples)
     _, out = outcome(texts, samples)
     usable = out["scorable"].bool()
@@ -203,8 +206,6 @@ def examples_png(path, samples, texts_by_row, outcome, k=4):
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
 
-    import agents
-    from reward import parse
     picks = [i for i, s in enumerate(samples) if len(s["action"]) > 1 and outcome._image(s) is not None][:k]
     cols = ["source", "target"] + list(texts_by_row)
     side, cap, font = 220, 34, ImageFont.load_default(size=12)
@@ -235,9 +236,6 @@ def phrasing_sets(run, n):
     """Three sets of n labelled requests for a run folder: train requests its GRPO steps sampled, train requests it
     never saw (not sampled, not in the cold start; same phrasing templates), and held-out requests (templates and
     action combinations of the test split only)."""
-    from data import grpo_batch
-    from phrasings import load_requests
-    from regions import describe_requests
     missing = [f for f in ("config.json", "cold_start", "adapter") if not (Path(run) / f).exists()]
     if missing:
         raise SystemExit(f"error: {run} is not a finished run folder (no {', '.join(missing)})")
@@ -254,7 +252,6 @@ def phrasing_sets(run, n):
 def phrasing_gap(runs, n, cache_dir):
     """Action F1 and mean F1 of each run's cold start and GRPO adapter on phrasing_sets: is what GRPO learns the
     request words it trained on, or the edits? Returns {run: {adapter: {set: (f1_action, f1)}}} and prints it."""
-    from reward import paper_rewards
     out = {}
     for run in map(Path, runs):
         sets = phrasing_sets(run, n)
@@ -281,9 +278,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.phrasings:
         return phrasing_gap(args.phrasings, args.n, Path(args.out) / "plans")
-    from reward import Outcome
-    from phrasings import load_requests
-    from regions import describe_requests
     test = describe_requests(load_requests("", "test", args.n, seed=0))
     outcome = Outcome()
     systems = find_runs(args.root)

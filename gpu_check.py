@@ -275,7 +275,7 @@ def check_flux(out, tiny, steps, device, dtype, size=1024, text_tokens=512, size
     `sizes`: config fields to override (a smaller model of the same class)."""
     from diffusers import FluxTransformer2DModel
 
-    from planner import _no_avx512_repack
+    from planner import no_avx512_repack
     config = json.loads((Path(__file__).parent / "configs" / "flux.1-kontext-dev-transformer.json").read_text())
     if tiny:
         config.update(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -296,7 +296,7 @@ def check_flux(out, tiny, steps, device, dtype, size=1024, text_tokens=512, size
         torch.set_default_dtype(default)
     for blocks in (model.transformer_blocks, model.single_transformer_blocks):
         nf4_linears(blocks, dtype)
-    _no_avx512_repack(model)  # on CPUs with AVX512-BF16 bitsandbytes would repack (and here break) the weights
+    no_avx512_repack(model)  # on CPUs with AVX512-BF16 bitsandbytes would repack (and here break) the weights
     model.eval()
     print(f"flux: random weights built and quantized in {time.time() - t:.0f}s")
     n = (size // 16) ** 2  # latent tokens of one image: 8x VAE, then 2x2 patches

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from planner import merge_lora
+
 
 class Llama:
     """Inference only, one sequence. `weights`: the state dict of a LlamaForCausalLM (names as saved)."""
@@ -123,6 +125,5 @@ def load(folder, adapter=None):
     folder = Path(folder)
     weights = load_file(folder / "model.safetensors")
     if adapter:
-        from planner import merge_lora
         merge_lora(weights, adapter)
     return Llama(json.loads((folder / "config.json").read_text()), weights), ChatTokenizer(folder)

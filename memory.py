@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+import rollout
 from vlm import MODELS, lora_regex
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -158,7 +159,6 @@ def estimate(cfg, config, prompt_len, device="cuda"):
 def prompt_tokens(cfg, tokenizer=None):
     """Tokens of a planner prompt: the system text and a request (chars / 4 without a tokenizer, about Qwen's rate
     on English) plus the image's tokens after the 2x2 merge (max_pixels / 28^2) and the chat markers."""
-    import rollout
     text = rollout.SYSTEM + " Request: make her coat scarlet, her hair copper, and blur the background"
     n = len(tokenizer(text)["input_ids"]) if tokenizer is not None else len(text) // 4
     return n + cfg.max_pixels // 28 ** 2 + 16

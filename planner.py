@@ -38,7 +38,7 @@ def cache_dir():
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imageedit-r1"
 
 
-def _atomic_folder(final, build):
+def atomic_folder(final, build):
     """Run build(tmp_dir), then rename tmp_dir to `final`: an interrupted build never leaves a half folder."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
@@ -79,7 +79,7 @@ def smollm2_folder():
         print(f"converted in {time.time() - t0:.1f}s")
 
     t0 = time.time()
-    _atomic_folder(final, build)
+    atomic_folder(final, build)
     return final, time.time() - t0
 
 
@@ -118,7 +118,7 @@ def tiny_folder(folder, seed=0, vocab_size=320, hidden=64, layers=2, heads=4):
             LlamaForCausalLM(config).save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_folder(folder, build)
+    return atomic_folder(folder, build)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Planner:
     processor: object = None    # the VLM's processor (images and text, see vlm.py); None for a text planner
 
 
-def _no_avx512_repack(model):
+def no_avx512_repack(model):
     """bitsandbytes on CPUs with AVX512-BF16 repacks a Linear4bit's weight in place the first time it runs in eval()
     under no_grad (a rollout); training afterwards raises or silently loses LoRA gradients. Turn that path off."""
     n = 0
@@ -171,7 +171,7 @@ def dequantized_folder(folder):
         plain.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
 
-    return _atomic_folder(final, build)
+    return atomic_folder(final, build)
 
 
 def merge_lora(weights, adapter):
@@ -226,7 +226,7 @@ def load_planner(preset, folder=None, lora_r=16, lora_alpha=32, lora_dropout=0.0
         model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder), dtype=dtype).to(device)
     else:
         model = _load_nf4(folder, dtype, device)
-        _no_avx512_repack(model)
+        no_avx512_repack(model)
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
     model.config.use_cache = True

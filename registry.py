@@ -74,7 +74,7 @@ def _saliency():  # main subject: OpenCV's fine-grained static saliency (grabCut
 
 
 def _retouch():  # the CPU editing agent: plain image operations, no weights
-    import editor
+    import editor  # here, not at the top: importing the registry loads no agent's code (cv2)
     return editor
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import rollout
-from planner import Planner, _atomic_folder, _no_avx512_repack
+from planner import Planner, atomic_folder, no_avx512_repack
 
 MODELS = {"7b": "Qwen/Qwen2.5-VL-7B-Instruct", "3b": "Qwen/Qwen2.5-VL-3B-Instruct"}
 MAX_PIXELS = 448 * 448
@@ -146,7 +146,7 @@ def tiny_folder(folder, seed=0, hidden=64, layers=2, intermediate=None, vocab=No
         tok.save_pretrained(tmp)
         Qwen2VLImageProcessorPil(max_pixels=MAX_PIXELS).save_pretrained(tmp)
 
-    return _atomic_folder(folder, build)
+    return atomic_folder(folder, build)
 
 
 def load(name=MODELS["7b"], lora_r=64, lora_alpha=128, lora_dropout=0.0, adapter=None, device="cpu",
@@ -163,7 +163,7 @@ def load(name=MODELS["7b"], lora_r=64, lora_alpha=128, lora_dropout=0.0, adapter
                                                                    device_map={"": device})
     except OSError as e:
         raise hub_error(name, e) from e
-    _no_avx512_repack(model)
+    no_avx512_repack(model)
     model.config.use_cache = True
     for p in model.parameters():  # base and vision tower frozen; only LoRA trains
         p.requires_grad_(False)

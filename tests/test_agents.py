@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from planner import _no_avx512_repack, load_planner, smollm2_folder
+from planner import no_avx512_repack, load_planner, smollm2_folder
 from rollout import build_prompt, completion_logp, sample_group, stop_ids
 
 
@@ -50,7 +50,7 @@ def test_gradients_only_reach_lora(tiny_dir):
 def test_sampling_pass_keeps_lora_gradients(name, tiny_dir):
     """The AVX512-BF16 trap of DESIGN section 6: a no_grad eval() pass must not change later LoRA gradients."""
     p = load_planner(name, folder=tiny_dir if name == "tiny" else None)
-    assert _no_avx512_repack(p.model) == 7 * p.model.config.num_hidden_layers
+    assert no_avx512_repack(p.model) == 7 * p.model.config.num_hidden_layers
     assert all(not m.support_avx512bf16_for_cpu for m in p.model.modules() if hasattr(m, "support_avx512bf16_for_cpu"))
 
     def grads():
