@@ -1,71 +1,142 @@
 """
 Benchmarks.
 
-    python bench.py                      # sampler: SmolLM2-135M in 4-bit, G=8, 64 new tokens, 100-token prompt, median of 5
+    python bench.py                      # sampler: the cpu planner, 4 prompts x G=8, 64 new tokens, three ways
     python bench.py --preset=tiny --repeats=3
+    python bench.py step [--against=DIR] # GRPO steps at the cpu defaults: each engine, meter on/off, G and length
+
     python bench.py load                 # the cpu planner: first load (with the GGUF conversion) and second load
     python bench.py seeds runs/seed0 runs/seed1 runs/seed2   # the README's table over training runs
     python bench.py edit [ADAPTER]       # edit.py on a 512x512 photo: cold (empty cache), then 5 warm runs
     python bench.py sequencer            # the zero-shot sequencing model against the rule order, 40 plans
     python bench.py outcome [ADAPTER]    # the outcome reward: a group of 8 sampled plans scored, with/without cache
 
-sampler: group sampling speed of our KV-cached sampler against Hugging Face `generate`. Both sample with temperature 1 and no stop token, so each call produces exactly G * new_tokens tokens; the prompt
-is the same for both. Tokens per second = G * new_tokens / wall time of one call (prefill included).
+sampler: group sampling speed of Hugging Face `generate(num_return_sequences=G)` on the policy (NF4 + LoRA), our
+KV-cached sampler on the policy, and our sampler on the merged rollout engine (engine.py), side by side on the same
+prompts (train requests with their perception line). All sample at temperature 1 with no stop token, so each call
+makes exactly prompts * G * new_tokens tokens; tokens per second = that / wall time of one call (prefill included).
 """
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+import memory
 from agents import sequence
 from data import builtin_image
+from engine import Merged
 from phrasings import load_requests, make_split
 from plan import STAGE
-from planner import load_planner, newest_adapter
+from planner import load_planner, newest_adapter, planner_folder
 from regions import describe_requests
 from reward import Outcome, format_plan
 from rollout import build_prompt, decode, left_pad, sample_group, stop_ids
 
 
-def main(preset="cpu", group_size=8, new_tokens=64, prompt_tokens=100, repeats=5, threads=0):
+def main(preset="cpu", group_size=8, new_tokens=64, prompts=4, repeats=3, threads=0):
     if threads:
         torch.set_num_threads(threads)
-    planner = load_planner(preset)
-    model, tok = planner.policy, planner.tok
-    # A real planner prompt, cut or padded with request text to exactly `prompt_tokens` tokens.
-    prompt = build_prompt(tok, "make her coat scarlet, her hair copper, and blur the background " * 8)
-    prompt = (prompt * (prompt_tokens // len(prompt) + 1))[-prompt_tokens:]
-    ids, attn, _ = left_pad([prompt], tok.pad_token_id, "cpu")
+    device, dtype, _ = memory.pick_device()
+    planner = load_planner(preset, dtype=dtype)
+    policy, tok = planner.policy, planner.tok
+    copy = Merged(planner_folder(preset), dtype, device)
+    copy.sync(policy)
+    # real planner prompts: train requests with the perception line of their image
+    batch = load_requests("", "train", prompts, seed=0)
+    describe_requests(batch)
+    texts = [build_prompt(tok, s["instruction"], s["description"]) for s in batch]
+    ids, attn, _ = left_pad(texts, tok.pad_token_id, device)
+    policy.eval()
 
-    def ours(seed):
-        g = torch.Generator().manual_seed(seed)
-        r = sample_group(model, [prompt], group_size, new_tokens, stop=[], pad_id=tok.pad_token_id, generator=g)
-        return r.ids.numel()
+    def ours(model):
+        def run(seed):
+            g = torch.Generator(device).manual_seed(seed)
+            with torch.no_grad():
+                r = sample_group(model, texts, group_size, new_tokens, stop=[], pad_id=tok.pad_token_id, generator=g)
+            return r.ids.numel()
+        return run
 
     def hf(seed):
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0,
-                             top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             num_return_sequences=group_size, pad_token_id=tok.pad_token_id)
+        out = policy.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_p=1.0,
+                              top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              num_return_sequences=group_size, pad_token_id=tok.pad_token_id)
         return out[:, ids.shape[1]:].numel()
 
-    print(f"preset={preset} G={group_size} new_tokens={new_tokens} prompt={len(prompt)} tokens, "
-          f"threads={torch.get_num_threads()}, median of {repeats}")
-    ours(0), hf(0)  # warm-up: first calls pay one-time costs
+    print(f"preset={preset} {prompts} prompts ({min(map(len, texts))}-{max(map(len, texts))} tokens) x G={group_size}"
+          f", {new_tokens} new tokens, {str(dtype).removeprefix('torch.')}, threads={torch.get_num_threads()}, "
+          f"median of {repeats}")
     rows = {}
-    for name, fn in (("sample_group", ours), ("generate", hf)):
+    for name, fn in (("generate (policy)", hf), ("sample_group (policy)", ours(policy)),
+                     ("sample_group (merged)", ours(copy.model))):
+        fn(0)  # warm-up: first calls pay one-time costs
         rates = []
         for i in range(repeats):
             t0 = time.perf_counter()
             n = fn(i + 1)
             rates.append(n / (time.perf_counter() - t0))
-            assert n == group_size * new_tokens, f"{name} made {n} tokens"
+            assert n == prompts * group_size * new_tokens, f"{name} made {n} tokens"
         rows[name] = statistics.median(rates)
-        print(f"{name:>13}: {rows[name]:7.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})")
-    print(f"speed-up: {rows['sample_group'] / rows['generate']:.2f}x")
+        print(f"{name:>22}: {rows[name]:7.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})")
+    base = rows["generate (policy)"]
+    print("speed-up over generate: " + ", ".join(f"{k.split()[1]} {v / base:.2f}x" for k, v in rows.items()
+                                                  if k != "generate (policy)"))
+    return rows
+
+
+def step(*argv):
+    """GRPO steps at the cpu defaults, each configuration a `python train.py` of its own (same seed, so the same
+    prompts): the policy engine, the merged engine, the merged engine with the meter off, optionally the train.py of
+    another checkout (--against=DIR, e.g. a worktree of an earlier commit, run with only the options it knows), then
+    step time against G and max_new_tokens on the merged engine. Each run: no cold start, `--steps` GRPO steps
+    (default 3), the held-out split cut to 20 requests. Prints seconds per step split into sampling, reward, update,
+    the seconds of one held-out evaluation, sampled tokens per second and the peak memory of the run."""
+    import re
+    import subprocess
+    opts = dict(a[2:].split("=", 1) for a in argv)
+    steps, against = int(opts.get("steps", 3)), opts.get("against")
+    here = Path(__file__).resolve().parent
+    base = ["--preset=cpu", "--sft_steps=0", f"--steps={steps}", f"--eval_every={steps}", "--eval_n=20"]
+
+    def run(name, args, root=here):
+        out = Path(tempfile.mkdtemp(prefix="bench-step-"))
+        t = time.time()
+        log = subprocess.run([sys.executable, "train.py", *base, *args, f"--out_dir={out}"], cwd=root,
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if log.returncode:
+            raise SystemExit(f"{name}: train.py failed:\n{log.stdout[-2000:]}{log.stderr[-2000:]}")
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        grpo = [r for r in rows if r["phase"] == "grpo"]
+        mean = lambda k: statistics.mean(r.get(k, 0) for r in grpo)  # noqa: E731
+        evals = [int(x) for x in re.findall(r"held-out, (\d+)s\)", log.stdout)]
+        sample, total = mean("sample_seconds"), mean("seconds")
+        row = {"config": name, "step_s": total, "sample_s": sample, "reward_s": mean("reward_seconds"),
+               "update_s": total - sample - mean("reward_seconds"), "eval_s": evals[-1],
+               "tokens_per_s": sum(r["tokens"] for r in grpo) / sum(r["sample_seconds"] for r in grpo),
+               "peak_gb": max(r["peak_gb"] for r in grpo), "gap": mean("engine_gap"), "wall_s": time.time() - t}
+        print(f"{name:>34} | {row['step_s']:6.1f} s/step = sample {sample:5.1f} + reward {row['reward_s']:4.2f} + "
+              f"update {row['update_s']:5.1f} | eval {row['eval_s']:3d} s | {row['tokens_per_s']:6.1f} tok/s | "
+              f"peak {row['peak_gb']:.2f} GB | engine gap {row['gap']:.4f}", flush=True)
+        return row
+
+    print(f"GRPO steps at the cpu defaults ({steps} steps per run, means; eval: one held-out pass of 20 requests)")
+    rows = [run("engine=policy", ["--engine=policy"]), run("engine=merged", ["--engine=merged"]),
+            run("engine=merged, meter off", ["--engine=merged", "--meter_ms=0"])]
+    if against:
+        rows.append(run(f"train.py of {against}", [], Path(against)))
+    print(f"merged / policy step time: {rows[1]['step_s'] / rows[0]['step_s']:.2f}x; meter on / off: "
+          f"{rows[1]['step_s'] / rows[2]['step_s']:.3f}x"
+          + (f"; merged / {against}: {rows[1]['step_s'] / rows[3]['step_s']:.2f}x" if against else ""))
+    print("\nstep time against G and max_new_tokens (engine=merged):")
+    for g in (8, 16, 32):
+        for n in (48, 96):
+            rows.append(run(f"G={g} max_new_tokens={n}", ["--engine=merged", f"--group_size={g}",
+                                                           f"--max_new_tokens={n}"]))
     return rows
 
 
@@ -83,7 +154,6 @@ def load():
 
 def seeds(*run_dirs):
     """Held-out scores of several runs of train.py (one per seed): mean +- std per stage, and the GRPO gain."""
-    import json
     stages = {"eval zero-shot": "base, zero-shot", "eval cold start": "after cold start", "eval": "after GRPO"}
     keys = ["format", "f1_action", "f1_subject", "f1_goal", "f1", "reward"]
     runs = []
@@ -191,6 +261,8 @@ def _variants(s):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["outcome"]:
         sys.exit(outcome(*sys.argv[2:]))
+    if sys.argv[1:2] == ["step"]:
+        sys.exit(step(*sys.argv[2:]) and None)
     if sys.argv[1:2] == ["load"]:
         sys.exit(load())
     if sys.argv[1:2] == ["edit"]:

@@ -17,6 +17,8 @@ import vlm
 class Config:
     preset: str = "auto"                 # cpu | tiny | gpu24 | tiny_vl (see PRESETS); auto picks one for this machine
     device: str = "auto"                 # where the planner runs: auto (the CUDA GPU if any, else cpu), cuda, cpu
+    dtype: str = "auto"                  # the planner's compute dtype: auto (bf16 where the device multiplies it
+                                         # natively: GPUs, CPUs with AVX512-BF16 or AMX; else fp32), bfloat16, float32
     quantize: bool = True                # the planner's base in NF4; False: in full precision (more memory)
     planner: str = ""                    # the VLM planner (gpu24, tiny_vl): a hub id or a local folder
     max_pixels: int = 448 * 448          # VLM planner: each image is resized to at most this many pixels
@@ -48,6 +50,9 @@ class Config:
     max_new_tokens: int = 48             # plans are short; longer completions are cut
     constrain: bool = True               # decode plans with rollout.PlanGrammar: only actions and goals the CPU
                                          # editor reads (rollouts, evaluation and edit.py alike)
+    engine: str = "auto"                 # where rollouts are sampled from: policy (the NF4 + LoRA model), merged (a
+                                         # plain bf16/fp32 copy with the adapter merged after each update; text
+                                         # planners), auto (merged where it fits); see engine.py
     temperature: float = 0.8             # sampling temperature of rollouts (evaluation is greedy)
     top_p: float = 1.0                   # nucleus sampling of rollouts
     lr: float = 3e-4                     # GRPO learning rate (the paper's 1e-6 is for full 7B weights, not LoRA)
@@ -72,6 +77,9 @@ class Config:
     eval_every: int = 25                 # GRPO steps between evaluations (and at the end)
     eval_judge: bool = False             # also score the held-out plans' edits with the local judge (VLM presets)
     save_every: int = 10                 # GRPO steps between checkpoints (and at the end)
+    meter_ms: float = 50.0               # CPU runs: the memory meter reads the allocator every this many ms (each
+                                         # reading stalls the run about 1 ms; 0.5 catches every tensor but costs a
+                                         # third of the run's time); 0: no memory measured. On a GPU it is free
 
 
 PRESETS = {
@@ -201,7 +209,7 @@ def validate(cfg):
         need(k, getattr(cfg, k) >= 0, "an int >= 0")
     for k in ("lr", "sft_lr", "temperature", "clip", "grad_clip"):
         need(k, number(getattr(cfg, k)) and getattr(cfg, k) > 0, "a finite number > 0")
-    for k in ("beta", "reward_tol"):
+    for k in ("beta", "reward_tol", "meter_ms"):
         need(k, number(getattr(cfg, k)) and getattr(cfg, k) >= 0, "a finite number >= 0")
     need("group_size", cfg.group_size >= 2, "an int >= 2 (GRPO compares the completions of a prompt with each "
                                             "other; a group of one never has a signal)")
@@ -225,6 +233,10 @@ def validate(cfg):
         except RuntimeError:
             need("device", False, "auto, cpu, cuda or cuda:N")
     need("reward", cfg.reward in ("paper", "outcome", "both", "judge"), "paper, outcome, both or judge")
+    need("dtype", cfg.dtype in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32")
+    need("engine", cfg.engine in ("auto", "policy", "merged"), "auto, policy or merged")
+    need("engine", cfg.engine != "merged" or cfg.preset not in VLM_PRESETS, f"policy or auto with preset "
+                                                                           f"{cfg.preset} (merged: text planners)")
     if (cfg.reward == "judge" or cfg.eval_judge) and cfg.preset not in VLM_PRESETS:
         raise SystemExit(f"error: reward=judge and eval_judge need a VLM planner (preset gpu24 or tiny_vl), not "
                          f"{cfg.preset}: the judge is the planner's own base model, looking at the images")

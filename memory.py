@@ -22,8 +22,9 @@ N = tokens of a pass; S = tokens of one sequence, prompt + max_new_tokens; H, I,
   update     one micro-batch of micro_groups*G sequences. With gradient checkpointing, each layer's input (N H b per
              layer) is kept, and on top of it either the backward of one recomputed layer (7H + 6I per token at b,
              measured on the CPU; a GPU adds RMSNorm's fp32 copies, 8H bytes) or the completion logits
-             (micro-batch x (max_new_tokens + 1) x V elements: fp32 logits, their log-softmax and its gradient,
-             12 bytes, plus b for the bf16 logits on a GPU), whichever is larger: they are not alive together.
+             (micro-batch x (max_new_tokens + 1) x V elements: fp32 logits and their gradient, 8 bytes, plus b for
+             the bf16 logits on a GPU; the log-probs are gathered minus a log-sum-exp, with no log-softmax tensor),
+             whichever is larger: they are not alive together.
              Without checkpointing, every layer's buffers.
   vision     the frozen vision tower's forward over one prompt batch (no grad; freed before decoding).
   eval, judge  the KV cache and prefill of one evaluation batch, or of 6 judge prompts with two images each.
@@ -51,10 +52,31 @@ QWEN_7B = MODELS["7b"]
 CONFIG_FILES = {QWEN_7B: "qwen2.5-vl-7b-instruct.json", MODELS["3b"]: "qwen2.5-vl-3b-instruct.json"}
 
 
-def pick_device(name="auto"):
+def native_bf16(device):
+    """Whether `device` multiplies bf16 natively: a CUDA GPU, or a CPU with AVX512-BF16 or AMX."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text() if kind == "cpu" else ""
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def compute_dtype(device, dtype="auto"):
+    """The planner's compute dtype on `device`: "bfloat16", "float32", or "auto": bf16 where native, else fp32."""
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def pick_device(name="auto", dtype="auto"):
     """(device, dtype, why): the one place where the run's device and the planner's compute dtype are chosen; every
-    entry point calls it once, prints the reason and passes both down. "auto" is the CUDA GPU if there is one;
-    bf16 on a GPU, fp32 elsewhere (the CPU has no fast bf16 matmul, and the tests' emulated device is a CPU)."""
+    entry point calls it once, prints the reason and passes both down. "auto" is the CUDA GPU if there is one.
+    bf16 where the device multiplies it natively (a GPU; a CPU with AVX512-BF16 or AMX, where the cpu planner's
+    GRPO update runs 1.85x faster than in fp32), fp32 elsewhere (and on the tests' emulated device); `dtype`
+    ("bfloat16" or "float32") overrides that."""
     if name == "auto":
         name, why = ("cuda", torch.cuda.get_device_name(0)) if torch.cuda.is_available() else ("cpu", "no CUDA GPU")
     else:
@@ -62,7 +84,18 @@ def pick_device(name="auto"):
     cuda = torch.device(name).type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit(f"error: device {name!r} asked for, but this machine has no CUDA GPU")
-    return name, torch.bfloat16 if cuda else torch.float32, why
+    return name, compute_dtype(name, dtype), why
+
+
+def free_bytes(device):
+    """Memory free for new tensors on `device`: the GPU's free memory, else the machine's MemAvailable."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
 
 
 def planner_config(name):
@@ -107,7 +140,7 @@ def estimate(cfg, config, prompt_len, device="cuda"):
     H, I, V, L = t.hidden_size, t.intermediate_size, t.vocab_size, t.num_hidden_layers
     kv_tok = L * 2 * t.num_key_value_heads * (getattr(t, "head_dim", None) or H // t.num_attention_heads)
     cuda = torch.device(device).type == "cuda"  # "cuda:1" too
-    b = 2 if cuda else 4
+    b = compute_dtype(device, cfg.dtype).itemsize
     w, largest = weights(model, b)
     targets = re.compile(lora_regex(cfg.lora_targets))
     n_lora = sum(cfg.lora_r * (m.in_features + m.out_features) for n, m in model.named_modules()
@@ -121,8 +154,9 @@ def estimate(cfg, config, prompt_len, device="cuda"):
     # With grad (the layer recomputed in the backward of gradient checkpointing): the tensors autograd saves and
     # their gradients, measured on the CPU as 7H + 6I per token; on a GPU RMSNorm also keeps fp32 copies (2 x 4H).
     layer_grad = lambda n: n * ((7 * H + 6 * I) * b + (8 * H if b == 2 else 0))  # noqa: E731
-    # Completion logits, per element: fp32 logits (a copy if b is not fp32), their log-softmax, its gradient.
-    logit = 12 + (b if b != 4 else 0)
+    # Completion logits, per element: fp32 logits (a copy if b is not fp32) and their gradient (rollout.token_logp
+    # makes no log-softmax tensor).
+    logit = 8 + (b if b != 4 else 0)
     parts = {  # name: (bytes, what it is)
         "weights": (w, "planner weights"),
         "lora": ((4 + (2 if cuda else 8)) * n_lora, "LoRA weights + optimizer state"),
@@ -264,17 +298,20 @@ def live_tensor_bytes():
 
 
 class Meter:
-    """Measured peak memory per phase, in bytes. On a GPU: CUDA's allocator peak (torch.cuda.max_memory_allocated).
-    On a CPU there is no such counter, and the resident set misleads both ways (weights mapped from safetensors
-    files count as file pages; memory freed inside the allocator stays resident), so: the tensors alive when the
-    phase begins (a scan of live storages), plus the largest growth of glibc's bytes in use (mallinfo2, read every
-    half millisecond by a thread while the phase runs), less the tensors alive when the meter was made. Tensor
-    allocations are large and live for milliseconds or more, so the sampling sees them."""
+    """Measured peak memory per phase, in bytes. On a GPU: CUDA's allocator peak (torch.cuda.max_memory_allocated),
+    free to read. On a CPU there is no such counter, and the resident set misleads both ways (weights mapped from
+    safetensors files count as file pages; memory freed inside the allocator stays resident), so: the tensors alive
+    when the phase begins (a scan of live storages), plus the largest growth of glibc's bytes in use (mallinfo2,
+    read by a thread every `interval` seconds while the phase runs), less the tensors alive when the meter was made.
+    A reading locks the allocator's arenas while it walks them (a millisecond or more on the cpu preset), so its
+    cost is the reading's time over the interval: every half millisecond a cpu run took a third longer; the default
+    50 ms costs about 2% and misses tensors that live less than that. The memory plan's checks read every half
+    millisecond. interval=0 (or enabled=False): phase times only."""
 
-    def __init__(self, device):
+    def __init__(self, device, interval=0.05):
         self.device, self.peaks, self.seconds, self.reserved = device, {}, {}, {}
-        self.cuda = torch.device(device).type == "cuda"
-        if not self.cuda:
+        self.cuda, self.interval, self.enabled = torch.device(device).type == "cuda", interval, interval > 0
+        if self.enabled and not self.cuda:
             self.base = live_tensor_bytes()  # what the process held before the meter: not the run's
             import ctypes
 
@@ -289,14 +326,15 @@ class Meter:
         return m.uordblks + m.hblkhd  # in use: heap chunks and separately mapped large chunks
 
     def _watch(self):
-        while not self._stop.is_set():
+        while not self._stop.wait(self.interval):
             self._top = max(self._top, self._heap())
-            time.sleep(0.0005)
 
     def begin(self, name):
         """Start measuring phase `name` (ends at `end()`); a phase measured several times keeps its largest peak."""
         import threading
         self.current, self.t = name, time.time()
+        if not self.enabled:
+            return
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -307,7 +345,9 @@ class Meter:
         self._thread.start()
 
     def end(self):
-        if self.cuda:
+        if not self.enabled:
+            peak = 0
+        elif self.cuda:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
             self.reserved[self.current] = max(self.reserved.get(self.current, 0),

@@ -12,6 +12,7 @@ decoding, temperature 0, reports temperature 1's), and `completion_logp` takes t
 Simplified: the top-p cut and the masks of constrained decoding (`allowed`, PlanGrammar) shape which token is
 drawn but are left out of the log-probs, which stay those of the full tempered distribution.
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,14 @@ def top_p_filter(probs, top_p):
     p, idx = probs.sort(-1, descending=True)
     drop = (p.cumsum(-1) - p) > top_p  # mass before a token already reached top_p; the top token always stays
     return torch.zeros_like(probs).scatter(-1, idx, p.masked_fill(drop, 0.0))
+
+
+def draw(probs, generator=None):
+    """One token per row of probs (N, V), by inverting the cumulative distribution at a uniform draw: the same
+    distribution as torch.multinomial, which on a CPU costs 30x more (it spends 12% of a rollout at V=49152)."""
+    cdf = probs.cumsum(-1)                                                        # (N, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1).squeeze(-1)  # zero-mass rows skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,11 +200,68 @@ def prompt_inputs(model, prompts, pad_id, vision=None):
     return {"inputs_embeds": embeds}, attn, pos
 
 
-def prefill(model, prompts, pad_id, vision=None):
-    """One forward pass over the prompts, keeping the KV cache and the last position's logits.
+def prefill(model, prompts, pad_id, vision=None, min_shared=16):
+    """The prompts through the model, keeping the KV cache and the last position's logits. Text prompts that begin
+    alike (the system prompt: every prompt of a GRPO step, of an evaluation batch) share that beginning: it runs
+    once, for one row, its cache is repeated, and each prompt's rest runs on top, left-padded after the shared part.
     Returns (output, attention mask, positions)."""
-    inputs, attn, pos = prompt_inputs(model, prompts, pad_id, vision)
-    return model(**inputs, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1), attn, pos
+    n = shared_prefix(prompts) if vision is None and len(prompts) > 1 else 0
+    if n < min_shared:
+        inputs, attn, pos = prompt_inputs(model, prompts, pad_id, vision)
+        return model(**inputs, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1), attn, pos
+    device = next(model.parameters()).device
+    cache = model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(prompts))
+    ids, rest, _ = left_pad([p[n:] for p in prompts], pad_id, device)
+    attn = torch.cat([torch.ones(len(prompts), n, dtype=rest.dtype, device=device), rest], 1)  # (B, n + S)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # each prompt's tokens count on from the shared part, pads masked
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos[:, n:], past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out, attn, pos
+
+
+def shared_prefix(prompts):
+    """How many first tokens all prompts share, leaving each at least one of its own."""
+    n = min(len(p) for p in prompts) - 1
+    for i in range(n):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
+@functools.cache
+def reserved_layer():
+    """ReservedLayer: a layer of transformers' DynamicCache with room reserved for `room` more tokens, where each
+    decoded token's keys and values are written in place (DynamicLayer concatenates, copying the whole cache at every
+    token: 14% of a rollout on the merged engine). Made on first use: edit.py's cpu path runs without transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def __init__(self, layer, room):
+            super().__init__()
+            self.is_initialized, self.dtype, self.device = True, layer.keys.dtype, layer.keys.device
+            B, H, n, D = layer.keys.shape
+            self.k, self.v = layer.keys.new_empty(B, H, n + room, D), layer.values.new_empty(B, H, n + room, D)
+            self.k[:, :, :n], self.v[:, :, :n] = layer.keys, layer.values
+            self.n, self.keys, self.values = n, self.k[:, :, :n], self.v[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            t = key_states.shape[-2]
+            if self.n + t > self.k.shape[2]:
+                raise RuntimeError(f"KV cache reserved for {self.k.shape[2]} tokens, asked for {self.n + t}")
+            self.k[:, :, self.n:self.n + t], self.v[:, :, self.n:self.n + t] = key_states, value_states
+            self.n += t
+            self.keys, self.values = self.k[:, :, :self.n], self.v[:, :, :self.n]
+            return self.keys, self.values
+    return DynamicLayer, ReservedLayer
+
+
+def reserve(cache, room):
+    """Give every layer of a DynamicCache room for `room` more tokens (reserved_layer), in place."""
+    dynamic, reserved = reserved_layer()
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is dynamic and layer.is_initialized:
+            cache.layers[i] = reserved(layer, room)
 
 
 @torch.no_grad()
@@ -211,6 +277,7 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     out, attn, pos = prefill(model, prompts, pad_id, vision)
     cache = out.past_key_values
     cache.batch_repeat_interleave(group_size)  # (B, ...) -> (B*G, ...): prompt i's cache for its G samples
+    reserve(cache, max_new_tokens)
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (B*G, V)
     attn = attn.repeat_interleave(group_size, 0)
     pos = pos[..., -1:].repeat_interleave(group_size, -2)  # (N, 1) or (3, N, 1): after the image, all text
@@ -232,10 +299,10 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
             tok = logits.argmax(-1)
         else:
             probs = top_p_filter(F.softmax(logits / temperature, -1), top_p)  # masked entries stay 0
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            tok = draw(probs, generator)
         tok = tok.masked_fill(done, pad_id)
         toks.append(tok)
-        lps.append(F.log_softmax(full, -1).gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0))
+        lps.append(token_logp(full, tok).masked_fill(done, 0.0))
         masks.append(~done)
         done = done | torch.isin(tok, stop)
         if grammar is not None:
@@ -279,8 +346,16 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
         rest = model(input_ids=ids_in, attention_mask=attn, position_ids=pos, past_key_values=cache,
                      use_cache=True, logits_to_keep=T).logits[:, :-1]             # predicts tokens 1..T-1
         logits = torch.cat([out.logits[:, -1:].repeat_interleave(G, 0), rest], 1)  # (N, T, V)
-    logp = F.log_softmax(logits.float() / (temperature or 1.0), -1).gather(-1, ids[..., None]).squeeze(-1)
-    return logp * mask
+    return token_logp(logits, ids, temperature) * mask
+
+
+def token_logp(logits, ids, temperature=1.0):
+    """log softmax(logits / temperature) at `ids`, as the logit taken minus the log-sum-exp over the vocabulary: no
+    (.., V) tensor of log-probs is made (on gpu24's update, 16 x 129 x 152k of them in fp32 would be 1.3 GB)."""
+    x = logits.float()
+    if temperature and temperature != 1.0:
+        x = x / temperature
+    return x.gather(-1, ids[..., None]).squeeze(-1) - x.logsumexp(-1)
 
 
 def decode(tok, rollout):

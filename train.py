@@ -31,7 +31,7 @@ With a VLM planner (gpu24, tiny_vl) the prompt carries the image itself (vlm.pro
 text, and `--reward=judge` scores each plan's edited image with the planner's base model (reward.Judge).
 Each phase's peak memory (vision or prompts, sample, update, eval, judge) is measured (memory.Meter) and written
 to memory.json, next to the plan's estimate for a VLM planner.
-The device and the planner's dtype are chosen once (memory.pick_device: `--device=auto|cuda|cpu`, bf16 on a GPU),
+The device and the planner's dtype are chosen once (memory.pick_device: `--device=auto|cuda|cpu`, bf16 where native),
 printed and passed down; rewards are made on the CPU and cross to the device at one line of the step.
 
 Run folder (`out_dir`): config.json (with versions and git commit), metrics.jsonl, memory.json, reward.png,
@@ -58,6 +58,7 @@ import rollout
 import vlm
 from agents import greedy_plans
 from config import VLM_PRESETS, validate
+from engine import choose_engine
 from checkpoint import load_checkpoint, resumed_config, run_info, save_checkpoint, tidy_checkpoint
 from data import DataError, grpo_batch, sample_image
 from phrasings import load_requests
@@ -245,8 +246,9 @@ def grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad, cfg)
     """One policy update on the kept groups: micro-batches of `micro_groups` groups, each with its reference pass
     (the adapter off) and loss, gradients accumulated, clipped, and one optimizer step unless the loss or the
     gradient norm is not finite (bf16 overflow: one such step would poison the LoRA weights and the optimizer's
-    moments for good). Returns (mean loss, mean KL, gradient norm, finite)."""
-    G, loss_sum, kl_sum = cfg.group_size, 0.0, 0.0
+    moments for good). Returns (mean loss, mean KL, gradient norm, engine gap, finite): the gap is the mean
+    absolute difference per token between the log-probs the sampler reported and the policy's (see engine.py)."""
+    G, loss_sum, kl_sum, gap, tokens = cfg.group_size, 0.0, 0.0, 0.0, 0
     for i in range(0, len(keep), cfg.micro_groups):
         gs = keep[i:i + cfg.micro_groups]
         rows = torch.tensor([b * G + g for b in gs for g in range(G)], device=roll.ids.device)
@@ -256,6 +258,7 @@ def grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad, cfg)
             ref_logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
         logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
         loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv.view(-1)[rows], mask, cfg.clip, cfg.beta)
+        gap, tokens = gap + ((logp.detach() - roll.logp[rows]).abs() * mask).sum().item(), tokens + mask.sum().item()
         (loss * len(gs) / len(keep)).backward()
         loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if keep else 0.0
@@ -264,7 +267,7 @@ def grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad, cfg)
         opt.step()
     opt.zero_grad(set_to_none=True)
     n = max(len(keep), 1)
-    return loss_sum / n, kl_sum / n, norm, finite
+    return loss_sum / n, kl_sum / n, norm, gap / max(tokens, 1), finite
 
 
 def print_table(history, n):
@@ -286,7 +289,7 @@ def main(cfg, make_reward=reward.make_reward):
     if cfg.dry_run:
         memory.show(cfg)
         return []
-    device, dtype, why = memory.pick_device(cfg.device)  # chosen here once; everything below is given them
+    device, dtype, why = memory.pick_device(cfg.device, cfg.dtype)  # chosen here once; everything below is given them
     print(f"device: {device} ({why}), planner compute dtype {str(dtype).removeprefix('torch.')}")
     if not cfg.eval_adapter:
         return train(cfg, device, dtype, make_reward)
@@ -322,7 +325,7 @@ def setup(cfg, device, dtype):
     torch.manual_seed(cfg.seed)
     import bitsandbytes  # noqa: F401  imported before the meter starts: library code is not model memory
     import peft  # noqa: F401
-    meter, t0 = memory.Meter(device), time.time()
+    meter, t0 = memory.Meter(device, cfg.meter_ms / 1000), time.time()
     planner = load_policy(cfg, device, dtype)
     print(f"planner: {cfg.preset} in {'NF4' if cfg.quantize else 'full precision'} + LoRA r={cfg.lora_r}, "
           f"loaded in {time.time() - t0:.1f}s")
@@ -333,11 +336,14 @@ def setup(cfg, device, dtype):
     return planner, params, *optimizer(params, device, cfg), meter
 
 
-def step_row(step, rewards, info, loss, kl, norm, keep, roll, sched, meter, seconds, cfg):
-    """The logged row of a GRPO step: the reward and the means of its parts, the update, sizes and times."""
+def step_row(step, rewards, info, update, keep, roll, sched, meter, seconds, cfg):
+    """The logged row of a GRPO step: the reward and the means of its parts, the update (loss, KL, gradient norm,
+    engine gap), sizes and times."""
+    loss, kl, norm, gap = update
     return {"phase": "grpo", "step": step + 1, "reward": round(rewards.mean().item(), 4),
             **{k: round(v.float().nanmean().item(), 4) for k, v in info.items()},
-            "loss": round(loss, 5), "kl": round(kl, 5), "grad_norm": round(norm, 4), "kept_groups": len(keep),
+            "loss": round(loss, 5), "kl": round(kl, 5), "grad_norm": round(norm, 4), "engine_gap": round(gap, 5),
+            "kept_groups": len(keep),
             "dropped_groups": cfg.batch_prompts - len(keep), "lr": sched.get_last_lr()[0],
             "tokens": int(roll.mask.sum()), **{f"{k}_seconds": round(v, 2) for k, v in seconds.items()},
             "seconds": round(sum(seconds.values()), 2), "peak_gb": round(max(meter.peaks.values()) / 2**30, 3)}
@@ -355,6 +361,11 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
     evaluate_now = lambda phase, step: heldout(planner, test, cfg, meter, out, history, phase, step)  # noqa: E731
     start = resume(out, policy, opt, sched, cfg, history) if cfg.resume else cold_start(
         planner, train_set, cfg, out, opt, sched, evaluate_now)
+    engine, why = choose_engine(cfg, planner, device)
+    print(f"rollout engine: {'merged' if engine else 'policy'} ({why})")
+    sampler = engine.model if engine else policy
+    if engine:
+        engine.sync(policy)
     score, judged = make_reward(cfg, planner), cfg.reward == "judge"
     stop, pad, B, G = rollout.stop_ids(tok, planner.model), tok.pad_token_id, cfg.batch_prompts, cfg.group_size
     grammar, bad, longest = rollout.plan_grammar(tok) if cfg.constrain else None, 0, 0
@@ -368,7 +379,7 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
         longest = max(longest, *map(len, prompts))
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
         with meter.phase("sample"):
-            roll = rollout.sample_group(policy, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature,
+            roll = rollout.sample_group(sampler, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature,
                                         cfg.top_p, gen, grammar=grammar, vision=vision)
         t.append(time.time())
         # score all B*G completions in one call (on the CPU), then the one place they move to the policy's device
@@ -380,14 +391,17 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
         t.append(time.time())
         policy.train()
         with meter.phase("update"):
-            loss, kl, norm, finite = grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad, cfg)
+            loss, kl, norm, gap, finite = grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad,
+                                                      cfg)
+            if engine and finite:
+                engine.sync(policy)
         sched.step()  # the schedule follows the step number, skipped or not
         bad = 0 if finite else bad + 1
         if not finite:
             skip(step, loss, norm, bad, cfg, out)
             continue
         seconds = dict(zip(("sample", "reward", "update"), (b - a for a, b in zip(t, t[1:] + [time.time()]))))
-        row = step_row(step, rewards, info, loss, kl, norm, keep, roll, sched, meter, seconds, cfg)
+        row = step_row(step, rewards, info, (loss, kl, norm, gap), keep, roll, sched, meter, seconds, cfg)
         log(out, history, row)
         tqdm.write(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} fmt {row['format']:.2f} "
                    f"f1 {row['f1']:.3f} | groups {len(keep)}/{B} | loss {row['loss']:+.4f} kl {row['kl']:.4f} "

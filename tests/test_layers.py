@@ -15,6 +15,7 @@ LAYERS = [
     "editor", "registry",                     # the CPU editor; the lazy registry of agents (CPU loaders)
     "rollout", "planner", "llama", "vlm", "memory",  # 1: sampling and log-probs; loading planners; memory plan
     "config",                                 # 1: a run's settings, presets and command line
+    "engine",                                 # 1: the rollout engine (a merged copy of the policy for sampling)
     "regions", "grounding", "diffusion",      # 2: region and editing agents
     "agents",                                 # 2: the team: gpu24 loaders, sequencing, running a plan
     "reward",                                 # 3: every reward

@@ -40,7 +40,7 @@ def test_3b_plan_and_unknown_model():
 
 
 def test_meter_sees_a_phase_peak():
-    m = memory.Meter("cpu")  # counts from here: what earlier tests left alive is not counted
+    m = memory.Meter("cpu", interval=0.0005)  # counts from here: what earlier tests left alive is not counted
     with m.phase("alloc"):
         x = torch.ones(25 * 2**20)  # 100 MB, alive at the end
         y = torch.ones(25 * 2**20)  # 100 MB, freed inside the phase
@@ -62,7 +62,8 @@ def test_estimate_within_20_percent_of_a_measured_run(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = parse_args(["--preset=tiny_vl", f"--planner={folder}", f"--out_dir={tmp_path / 'run'}", "--steps=2",
                       "--sft_steps=0", "--grad_checkpointing=True", "--max_new_tokens=24", "--eval_every=10",
-                      "--max_pixels=50176", "--image_size=224"])
+                      "--max_pixels=50176", "--image_size=224", "--dtype=float32",
+                      "--meter_ms=0.5"])  # a plan check: every tensor seen
     main(cfg, random_reward())  # random weights write no tags: a seeded random reward, so every group updates
     mem = json.loads((tmp_path / "run" / "memory.json").read_text())
     measured, planned = mem["measured"], mem["estimated"]

@@ -1,0 +1,117 @@
+"""The rollout engine (engine.py), the sampler's draw and the log-probs without a log-softmax tensor."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import memory
+from config import parse_args
+from engine import Merged, choose_engine
+from rollout import draw, token_logp
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_zero():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    toks = draw(probs, torch.Generator().manual_seed(0)).view(20000, 2)
+    share = torch.bincount(toks[:, 0], minlength=4) / 20000
+    assert torch.allclose(share, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01) and share[1] == 0
+    assert (toks[:, 1] == 3).all()
+    a, b = (draw(probs, torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(a, b)  # a seed replays
+
+
+def test_token_logp_is_the_log_softmax_at_the_ids():
+    logits, ids = torch.randn(3, 5, 50), torch.randint(0, 50, (3, 5))
+    for t in (1.0, 0.8):
+        want = F.log_softmax(logits / t, -1).gather(-1, ids[..., None]).squeeze(-1)
+        assert torch.allclose(token_logp(logits, ids, t), want, atol=1e-5)
+
+
+def set_lora(policy, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, w in policy.named_parameters():
+            if "lora_" in name:
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+
+
+def test_merged_copy_computes_what_the_policy_computes(tiny, tiny_dir):
+    """After sync the fp32 copy gives the NF4 + LoRA policy's logits, and a second sync replaces the first adapter
+    (it merges into the base, not into the last merge)."""
+    copy = Merged(tiny_dir, torch.float32)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    for seed in (0, 1):
+        set_lora(tiny.policy, seed)
+        assert copy.sync(tiny.policy) == 4 * 2  # q, k, v, o in each of the 2 layers
+        with torch.no_grad():
+            want = tiny.policy(input_ids=ids).logits
+            got = copy.model(input_ids=ids).logits
+        assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()  # fp32 sums in another order
+    with torch.no_grad():
+        for name, w in tiny.policy.named_parameters():
+            if "lora_B" in name:
+                w.zero_()
+
+
+def test_auto_picks_the_merged_copy_where_it_fits(tiny, monkeypatch):
+    cfg = parse_args(["--preset=tiny"])
+    copy, why = choose_engine(cfg, tiny, "cpu")
+    assert isinstance(copy, Merged) and "MB copy in" in why
+    want = torch.bfloat16 if memory.native_bf16("cpu") else torch.float32
+    assert next(copy.model.parameters()).dtype == want
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 1000)
+    copy, why = choose_engine(cfg, tiny, "cpu")
+    assert copy is None and "does not fit" in why
+    assert isinstance(choose_engine(parse_args(["--preset=tiny", "--engine=merged"]), tiny, "cpu")[0], Merged)
+    assert choose_engine(parse_args(["--preset=tiny", "--engine=policy"]), tiny, "cpu") == (None, "asked for")
+    with pytest.raises(SystemExit, match="engine='merged' is out of range"):
+        parse_args(["--preset=tiny_vl", "--engine=merged"])
+    with pytest.raises(SystemExit, match="engine='fast' is out of range"):
+        parse_args(["--preset=tiny", "--engine=fast"])
+
+
+@pytest.mark.parametrize("name", ["policy", "merged"])
+def test_grpo_samples_from_the_chosen_engine(tmp_path, monkeypatch, name):
+    """Both engines train; the log-probs the sampler reported are the policy's up to the copy's rounding, and the
+    merged copy follows every update (a copy left behind would drift away from the policy step by step: lr=1e-2
+    moves the tiny model's log-probs by far more than fp32 rounding)."""
+    from train import main
+    syncs = []
+    real = engine.Merged.sync
+    monkeypatch.setattr(engine.Merged, "sync", lambda self, policy: syncs.append(1) or real(self, policy))
+    monkeypatch.setattr(memory, "native_bf16", lambda device: False)  # an fp32 copy: any gap is a missed update
+
+    def reward(texts, samples):  # a signal for a random tiny model: the share of lower-case letters
+        r = torch.tensor([sum(c.islower() for c in t) / max(len(t), 1) for t in texts])
+        return r, {"format": r * 0, "f1": r}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / name
+    main(parse_args(["--preset=tiny", f"--engine={name}", f"--out_dir={out}", "--steps=3", "--eval_every=3"]),
+         lambda cfg, planner: reward)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    gaps = [r["engine_gap"] for r in rows if r["phase"] == "grpo"]
+    assert len(gaps) == 3 and all(r["kept_groups"] > 0 for r in rows if r["phase"] == "grpo")
+    if name == "policy":
+        assert max(gaps) < 1e-4 and not syncs
+    else:
+        assert max(gaps) < 1e-3 and len(syncs) == 1 + 3  # at the start and after each step
+
+
+def test_prompts_share_their_beginning_and_get_the_same_logits(tiny):
+    """prefill runs the common beginning once; the last logits and the cache equal each prompt's alone."""
+    from rollout import prefill, shared_prefix
+    head = list(range(5, 45))
+    prompts = [head + [50, 51, 52], head + [60], head + [70, 71]]
+    assert shared_prefix(prompts) == 40 and shared_prefix([[1, 2], [1, 2]]) == 1 and shared_prefix([[1], [1]]) == 0
+    model = tiny.policy
+    with torch.no_grad():
+        out, attn, pos = prefill(model, prompts, tiny.tok.pad_token_id)
+        assert attn.shape == pos.shape == (3, 40 + 3) and attn[1].tolist() == [1] * 40 + [0, 0, 1]
+        assert pos[1, -1] == 40 and pos[0, -1] == 42
+        for i, p in enumerate(prompts):
+            alone = model(input_ids=torch.tensor([p])).logits[0, -1]
+            assert torch.allclose(out.logits[i, -1], alone, atol=1e-4)
+        full = prefill(model, prompts, tiny.tok.pad_token_id, min_shared=10**6)[0]  # every prompt run whole
+        assert torch.allclose(full.logits, out.logits, atol=1e-4)
