@@ -99,7 +99,7 @@ def step(*argv):
     import re
     import subprocess
     opts = dict(a[2:].split("=", 1) for a in argv)
-    steps, against = int(opts.get("steps", 3)), opts.get("against")
+    steps, against = int(opts.get("steps", 3)), opts.get("against")  # --scaling=False: no G / length table
     here = Path(__file__).resolve().parent
     base = ["--preset=cpu", "--sft_steps=0", f"--steps={steps}", f"--eval_every={steps}", "--eval_n=20"]
 
@@ -132,6 +132,8 @@ def step(*argv):
     print(f"merged / policy step time: {rows[1]['step_s'] / rows[0]['step_s']:.2f}x; meter on / off: "
           f"{rows[1]['step_s'] / rows[2]['step_s']:.3f}x"
           + (f"; merged / {against}: {rows[1]['step_s'] / rows[3]['step_s']:.2f}x" if against else ""))
+    if opts.get("scaling") == "False":
+        return rows
     print("\nstep time against G and max_new_tokens (engine=merged):")
     for g in (8, 16, 32):
         for n in (48, 96):

@@ -77,9 +77,9 @@ class Config:
     eval_every: int = 25                 # GRPO steps between evaluations (and at the end)
     eval_judge: bool = False             # also score the held-out plans' edits with the local judge (VLM presets)
     save_every: int = 10                 # GRPO steps between checkpoints (and at the end)
-    meter_ms: float = 50.0               # CPU runs: the memory meter reads the allocator every this many ms (each
-                                         # reading stalls the run about 1 ms; 0.5 catches every tensor but costs a
-                                         # third of the run's time); 0: no memory measured. On a GPU it is free
+    meter_ms: float = 50.0               # CPU runs: the memory meter reads the allocator every this many ms, or
+                                         # less often where a reading is slow (it stalls the run: 0.5 catches every
+                                         # tensor but costs a third of the run); 0: no memory measured. GPU: free
 
 
 PRESETS = {

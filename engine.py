@@ -66,7 +66,7 @@ def choose_engine(cfg, planner, device):
         return None, "asked for"
     if planner.processor is not None:  # config.validate refuses engine=merged for a VLM preset
         return None, "a VLM planner samples from the policy"
-    dtype = torch.bfloat16 if memory.native_bf16(device) else torch.float32
+    dtype = memory.compute_dtype(device, cfg.dtype)  # the run's: bf16 where the device has it natively
     folder = dequantized_folder(planner.model.config.name_or_path)
     need = (folder / "model.safetensors").stat().st_size * dtype.itemsize // 4  # stored in fp32
     free = memory.free_bytes(device)

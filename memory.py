@@ -303,10 +303,10 @@ class Meter:
     safetensors files count as file pages; memory freed inside the allocator stays resident), so: the tensors alive
     when the phase begins (a scan of live storages), plus the largest growth of glibc's bytes in use (mallinfo2,
     read by a thread every `interval` seconds while the phase runs), less the tensors alive when the meter was made.
-    A reading locks the allocator's arenas while it walks them (a millisecond or more on the cpu preset), so its
-    cost is the reading's time over the interval: every half millisecond a cpu run took a third longer; the default
-    50 ms costs about 2% and misses tensors that live less than that. The memory plan's checks read every half
-    millisecond. interval=0 (or enabled=False): phase times only."""
+    A reading locks the allocator's arenas while it walks them (milliseconds on the cpu preset), so its cost is the
+    reading's time over the interval: every half millisecond a cpu run took a third longer. From 10 ms up, the
+    interval grows to 50 times what a reading took (2% at most) and tensors that live shorter are missed; the memory
+    plan's checks read every half millisecond whatever it costs. interval=0: phase times only."""
 
     def __init__(self, device, interval=0.05):
         self.device, self.peaks, self.seconds, self.reserved = device, {}, {}, {}
@@ -326,8 +326,14 @@ class Meter:
         return m.uordblks + m.hblkhd  # in use: heap chunks and separately mapped large chunks
 
     def _watch(self):
-        while not self._stop.wait(self.interval):
+        # a fine interval (the plan's checks) is kept whatever it costs; a coarse one (training) grows to 50 times
+        # what a reading took, so that the readings stall the run at most 2% however fragmented the heap is
+        wait = self.interval
+        while not self._stop.wait(wait):
+            t = time.perf_counter()
             self._top = max(self._top, self._heap())
+            if self.interval >= 0.01:
+                wait = max(self.interval, 50 * (time.perf_counter() - t))
 
     def begin(self, name):
         """Start measuring phase `name` (ends at `end()`); a phase measured several times keeps its largest peak."""
