@@ -264,7 +264,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["outcome"]:
         sys.exit(outcome(*sys.argv[2:]))
     if sys.argv[1:2] == ["step"]:
-        sys.exit(step(*sys.argv[2:]) and None)
+        step(*sys.argv[2:])
+        sys.exit()
     if sys.argv[1:2] == ["load"]:
         sys.exit(load())
     if sys.argv[1:2] == ["edit"]:

@@ -72,7 +72,7 @@ def draw(probs, generator=None):
     distribution as torch.multinomial, which on a CPU costs 30x more (it spends 12% of a rollout at V=49152)."""
     cdf = probs.cumsum(-1)                                                        # (N, V)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1).squeeze(-1)  # zero-mass rows skipped
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1).squeeze(-1)  # right: no zero-mass token
 
 
 # ----------------------------------------------------------------------------------------------------------------
