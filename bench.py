@@ -98,6 +98,11 @@ def step(*argv):
     the seconds of one held-out evaluation, sampled tokens per second and the peak memory of the run."""
     import re
     import subprocess
+    if any(a in ("-h", "--help") for a in argv):
+        return print(step.__doc__)
+    bad = [a for a in argv if not a.startswith(("--steps=", "--against=", "--scaling="))]
+    if bad:
+        raise SystemExit(f"error: bench.py step takes --steps=N, --against=DIR, --scaling=False; got {bad[0]!r}")
     opts = dict(a[2:].split("=", 1) for a in argv)
     steps, against = int(opts.get("steps", 3)), opts.get("against")  # --scaling=False: no G / length table
     here = Path(__file__).resolve().parent
