@@ -210,7 +210,8 @@ def prefill(model, prompts, pad_id, vision=None, min_shared=16):
         inputs, attn, pos = prompt_inputs(model, prompts, pad_id, vision)
         return model(**inputs, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1), attn, pos
     device = next(model.parameters()).device
-    cache = model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True).past_key_values
+    cache = model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True,
+                  logits_to_keep=1).past_key_values  # only its cache is wanted
     cache.batch_repeat_interleave(len(prompts))
     ids, rest, _ = left_pad([p[n:] for p in prompts], pad_id, device)
     attn = torch.cat([torch.ones(len(prompts), n, dtype=rest.dtype, device=device), rest], 1)  # (B, n + S)
