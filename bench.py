@@ -131,7 +131,7 @@ def step(*argv):
 
     print(f"GRPO steps at the cpu defaults ({steps} steps per run, means; eval: one held-out pass of 20 requests)")
     rows = [run("engine=policy", ["--engine=policy"]), run("engine=merged", ["--engine=merged"]),
-            run("engine=merged, meter off", ["--engine=merged", "--meter_ms=0"])]
+            run("engine=merged, meter off", ["--engine=merged", "--meter=off"])]
     if against:
         rows.append(run(f"train.py of {against}", [], Path(against)))
     print(f"merged / policy step time: {rows[1]['step_s'] / rows[0]['step_s']:.2f}x; meter on / off: "

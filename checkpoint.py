@@ -104,7 +104,7 @@ def load_checkpoint(out, policy, opt, sched):
 # here): it changes the model, the data, the prompts, the cold start already done, or what a logged number means.
 RESUMABLE = ("resume", "out_dir", "device", "dry_run", "eval_adapter", "steps", "lr", "warmup", "grad_clip",
              "max_bad_steps", "micro_groups", "grad_checkpointing", "eval_every", "eval_batch", "eval_judge",
-             "save_every", "engine", "meter_ms", "dtype")
+             "save_every", "engine", "meter", "meter_ms", "dtype")
 
 
 def resumed_config(out, cfg):

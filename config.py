@@ -77,9 +77,11 @@ class Config:
     eval_every: int = 25                 # GRPO steps between evaluations (and at the end)
     eval_judge: bool = False             # also score the held-out plans' edits with the local judge (VLM presets)
     save_every: int = 10                 # GRPO steps between checkpoints (and at the end)
-    meter_ms: float = 50.0               # CPU runs: the memory meter reads the allocator every this many ms, or
-                                         # less often where a reading is slow (it stalls the run: 0.5 catches every
-                                         # tensor but costs a third of the run); 0: no memory measured. GPU: free
+    meter: str = "rss"                   # peak memory per phase on a CPU (a GPU: CUDA's allocator peak, free): rss
+                                         # (the kernel's peak resident set, free to read), heap (tensors + glibc's
+                                         # bytes in use, read every meter_ms: what the memory plan's checks use; it
+                                         # stalls the run), off; see memory.Meter
+    meter_ms: float = 0.5                # the heap meter's reading interval
 
 
 PRESETS = {
@@ -209,8 +211,10 @@ def validate(cfg):
         need(k, getattr(cfg, k) >= 0, "an int >= 0")
     for k in ("lr", "sft_lr", "temperature", "clip", "grad_clip"):
         need(k, number(getattr(cfg, k)) and getattr(cfg, k) > 0, "a finite number > 0")
-    for k in ("beta", "reward_tol", "meter_ms"):
+    for k in ("beta", "reward_tol"):
         need(k, number(getattr(cfg, k)) and getattr(cfg, k) >= 0, "a finite number >= 0")
+    need("meter_ms", number(cfg.meter_ms) and cfg.meter_ms > 0, "a finite number > 0")
+    need("meter", cfg.meter in ("rss", "heap", "off"), "rss, heap, off")
     need("group_size", cfg.group_size >= 2, "an int >= 2 (GRPO compares the completions of a prompt with each "
                                             "other; a group of one never has a signal)")
     need("top_p", 0 < cfg.top_p <= 1, "a number in (0, 1]")

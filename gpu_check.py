@@ -242,7 +242,7 @@ def check_planner(out, tiny, models, device):
     folder = planner_folder(models, tiny, device)
     run = fresh(Path(out) / "planner")
     args = [f"--planner={folder}", f"--out_dir={run}", "--steps=2", "--sft_steps=0", "--eval_every=2",
-            "--meter_ms=0.5"]  # a plan check: every tensor seen (free on a GPU)
+            "--meter=heap"]  # a plan check: every tensor seen (free on a GPU)
     args += ["--preset=tiny_vl", "--grad_checkpointing=True", "--eval_n=4"] if tiny else \
         ["--preset=gpu24", "--eval_n=32"]
     t = time.time()
@@ -286,7 +286,7 @@ def check_flux(out, tiny, steps, device, dtype, size=1024, text_tokens=512, size
     gc.collect()  # the planner part's model is gone: its memory is not counted here
     if device == "cuda":
         torch.cuda.empty_cache()
-    meter = memory.Meter(device, interval=0.0005)  # made before the weights, so they count (on a GPU, everything allocated does)
+    meter = memory.Meter(device, "heap")  # made before the weights, so they count (on a GPU, everything allocated does)
     t = time.time()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: a 12B model in fp32 first would need twice the memory

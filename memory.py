@@ -286,6 +286,15 @@ def report(meter, cfg, planner, out, prompt_len=None):
     return rows
 
 
+def peak_rss():
+    """The process's peak resident set in bytes (VmHWM), 0 where /proc is not there."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+    return int(line.split()[1]) * 1024
+
+
 def live_tensor_bytes():
     """Bytes of the CPU tensor storages alive now (each storage once: views and tied weights share one)."""
     import gc
@@ -298,20 +307,24 @@ def live_tensor_bytes():
 
 
 class Meter:
-    """Measured peak memory per phase, in bytes. On a GPU: CUDA's allocator peak (torch.cuda.max_memory_allocated),
-    free to read. On a CPU there is no such counter, and the resident set misleads both ways (weights mapped from
-    safetensors files count as file pages; memory freed inside the allocator stays resident), so: the tensors alive
-    when the phase begins (a scan of live storages), plus the largest growth of glibc's bytes in use (mallinfo2,
-    read by a thread every `interval` seconds while the phase runs), less the tensors alive when the meter was made.
-    A reading locks the allocator's arenas while it walks them (milliseconds on the cpu preset), so its cost is the
-    reading's time over the interval: every half millisecond a cpu run took a third longer. From 10 ms up, the
-    interval grows to 50 times what a reading took (2% at most) and tensors that live shorter are missed; the memory
-    plan's checks read every half millisecond whatever it costs. interval=0: phase times only."""
+    """Measured peak memory per phase, in bytes, of one of three kinds (`kind`; on a GPU any kind but "off" is CUDA's
+    allocator peak, torch.cuda.max_memory_allocated, free to read):
+    - "rss" (training's default): the kernel's peak resident set of the process during the phase (VmHWM, reset at
+      each phase's start through /proc/self/clear_refs). Free to read, and what `/usr/bin/time -v` reports; it counts
+      the libraries' code and memory the allocator keeps after freeing, so it is no check of the memory plan.
+    - "heap" (the memory plan's checks): the tensors alive when the phase begins (a scan of live storages), plus the
+      largest growth of glibc's bytes in use (mallinfo2, read by a thread every `interval` seconds), less the tensors
+      alive when the meter was made. A reading locks the allocator's arenas while it walks them, so this stalls the
+      run (every half millisecond: a cpu step a third slower).
+    - "off": phase times only."""
 
-    def __init__(self, device, interval=0.05):
+    def __init__(self, device, kind="rss", interval=0.0005):
+        if kind not in ("rss", "heap", "off"):
+            raise ValueError(f"memory meter kind {kind!r}: rss, heap or off")
         self.device, self.peaks, self.seconds, self.reserved = device, {}, {}, {}
-        self.cuda, self.interval, self.enabled = torch.device(device).type == "cuda", interval, interval > 0
-        if self.enabled and not self.cuda:
+        self.kind = "cuda" if torch.device(device).type == "cuda" and kind != "off" else kind
+        self.interval, self.resets = interval, True
+        if self.kind == "heap":
             self.base = live_tensor_bytes()  # what the process held before the meter: not the run's
             import ctypes
 
@@ -326,39 +339,37 @@ class Meter:
         return m.uordblks + m.hblkhd  # in use: heap chunks and separately mapped large chunks
 
     def _watch(self):
-        # a fine interval (the plan's checks) is kept whatever it costs; a coarse one (training) grows to 50 times
-        # what a reading took, so that the readings stall the run at most 2% however fragmented the heap is
-        wait = self.interval
-        while not self._stop.wait(wait):
-            t = time.perf_counter()
+        while not self._stop.wait(self.interval):
             self._top = max(self._top, self._heap())
-            if self.interval >= 0.01:
-                wait = max(self.interval, 50 * (time.perf_counter() - t))
 
     def begin(self, name):
         """Start measuring phase `name` (ends at `end()`); a phase measured several times keeps its largest peak."""
         import threading
         self.current, self.t = name, time.time()
-        if not self.enabled:
-            return
-        if self.cuda:
+        if self.kind == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        self._live, self._start = live_tensor_bytes(), self._heap()
-        self._top, self._stop = self._start, threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
+        elif self.kind == "rss":
+            try:  # "5" resets the peak resident set to the current one (Linux 4.0+)
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.resets = False  # then each phase reports the process's peak so far
+        elif self.kind == "heap":
+            self._live, self._start = live_tensor_bytes(), self._heap()
+            self._top, self._stop = self._start, threading.Event()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
 
     def end(self):
-        if not self.enabled:
-            peak = 0
-        elif self.cuda:
+        peak = 0
+        if self.kind == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
             self.reserved[self.current] = max(self.reserved.get(self.current, 0),
                                               torch.cuda.max_memory_reserved(self.device))
-        else:
+        elif self.kind == "rss":
+            peak = peak_rss()
+        elif self.kind == "heap":
             self._stop.set()
             self._thread.join()
             peak = self._live - self.base + max(self._top, self._heap()) - self._start

@@ -325,7 +325,7 @@ def setup(cfg, device, dtype):
     torch.manual_seed(cfg.seed)
     import bitsandbytes  # noqa: F401  imported before the meter starts: library code is not model memory
     import peft  # noqa: F401
-    meter, t0 = memory.Meter(device, cfg.meter_ms / 1000), time.time()
+    meter, t0 = memory.Meter(device, cfg.meter, cfg.meter_ms / 1000), time.time()
     planner = load_policy(cfg, device, dtype)
     print(f"planner: {cfg.preset} in {'NF4' if cfg.quantize else 'full precision'} + LoRA r={cfg.lora_r}, "
           f"loaded in {time.time() - t0:.1f}s")

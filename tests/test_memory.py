@@ -40,7 +40,7 @@ def test_3b_plan_and_unknown_model():
 
 
 def test_meter_sees_a_phase_peak():
-    m = memory.Meter("cpu", interval=0.0005)  # counts from here: what earlier tests left alive is not counted
+    m = memory.Meter("cpu", "heap")  # counts from here: what earlier tests left alive is not counted
     with m.phase("alloc"):
         x = torch.ones(25 * 2**20)  # 100 MB, alive at the end
         y = torch.ones(25 * 2**20)  # 100 MB, freed inside the phase
@@ -50,6 +50,22 @@ def test_meter_sees_a_phase_peak():
     assert 195 * 2**20 <= m.peaks["alloc"] < 260 * 2**20
     assert 95 * 2**20 <= m.peaks["idle"] < 160 * 2**20  # x is alive: counted in every later phase
     del x
+
+
+def test_rss_meter_reports_each_phase_its_own_peak():
+    """The default meter: the kernel's peak resident set, reset at each phase's start."""
+    m = memory.Meter("cpu")
+    with m.phase("big"):
+        x = torch.ones(50 * 2**20)  # 200 MB, written, so resident; freed before the phase ends
+        del x
+    with m.phase("small"):
+        pass
+    if not m.resets:
+        pytest.skip("this kernel does not let a process reset its peak resident set")
+    assert m.peaks["big"] - m.peaks["small"] > 150 * 2**20, m.peaks
+    assert m.peaks["small"] > 50 * 2**20  # the interpreter and torch's libraries are resident too
+    with pytest.raises(ValueError, match="'peak': rss, heap or off"):
+        memory.Meter("cpu", "peak")
 
 
 def test_estimate_within_20_percent_of_a_measured_run(tmp_path, monkeypatch):
@@ -63,7 +79,7 @@ def test_estimate_within_20_percent_of_a_measured_run(tmp_path, monkeypatch):
     cfg = parse_args(["--preset=tiny_vl", f"--planner={folder}", f"--out_dir={tmp_path / 'run'}", "--steps=2",
                       "--sft_steps=0", "--grad_checkpointing=True", "--max_new_tokens=24", "--eval_every=10",
                       "--max_pixels=50176", "--image_size=224", "--dtype=float32",
-                      "--meter_ms=0.5"])  # a plan check: every tensor seen
+                      "--meter=heap"])  # a plan check: every tensor seen
     main(cfg, random_reward())  # random weights write no tags: a seeded random reward, so every group updates
     mem = json.loads((tmp_path / "run" / "memory.json").read_text())
     measured, planned = mem["measured"], mem["estimated"]
