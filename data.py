@@ -275,6 +275,7 @@ def read_folder(path):
     return samples
 
 
-def grpo_batch(train, seed, step, B):
-    """The B train requests GRPO step `step` samples: fixed by (seed, step), so a resumed run replays them."""
-    return random.Random(f"{seed}:{step}").sample(train, B)
+def grpo_batch(train, seed, step, B, round=0):
+    """The B train requests GRPO step `step` samples: fixed by (seed, step), so a resumed run replays them. Round
+    r > 0: the fresh requests of dynamic sampling's r-th round (train.py), fixed by (seed, step, r)."""
+    return random.Random(f"{seed}:{step}" + (f":{round}" if round else "")).sample(train, B)

@@ -93,16 +93,27 @@ COLORS = dict(  # data.py's seven (the shapes are drawn in them), then common na
     silver=(192, 192, 192))
 
 
+COLOR_ACTIONS = ("recolor", "replace background")  # the actions whose goal is a colour (`color`)
+
+
 def goal_choices(action):
-    """The goals a constrained planner may write for `action` (rollout.PlanGrammar): canonical words this editor
-    reads. The readers below take much more free text; this is the short list a small model picks from."""
+    """The goals a constrained planner may write for `action` (rollout.PlanGrammar), canonical short words first,
+    then every other goal of that form the readers below take: any whole angle (1..359 degrees, optionally
+    "clockwise"/"counterclockwise"), any ratio W:H with W and H in 1..21, every colour name with or without
+    "light"/"dark". COLOR_ACTIONS also take any lower-case "#rrggbb": 16.7M of them, so the grammar checks their
+    pattern instead of listing them. The readers take much more free text; this is what a small model picks from."""
     if action in STRENGTH:
         return ["slightly", "moderately", "strongly"]
-    if action in ("recolor", "replace background"):
-        return list(COLORS) + ["blurred"] * (action == "replace background")
-    return {"crop": ["square", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3"],
-            "rotate": ["90 degrees", "180 degrees", "270 degrees"], "flip": ["horizontal", "vertical"]}.get(
-        action, ["full"])  # grayscale, sepia, remove: no parameter
+    if action in COLOR_ACTIONS:
+        shades = [f"{shade} {c}" for shade in ("light", "dark") for c in COLORS]
+        return list(COLORS) + ["blurred"] * (action == "replace background") + shades
+    if action == "crop":
+        ratios = [f"{w}:{h}" for w in range(1, 22) for h in range(1, 22)]
+        return list(dict.fromkeys(["square", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3"] + ratios))
+    if action == "rotate":
+        turns = [f"{n} degrees{way}" for way in ("", " clockwise", " counterclockwise") for n in range(1, 360)]
+        return list(dict.fromkeys(["90 degrees", "180 degrees", "270 degrees"] + turns))
+    return {"flip": ["horizontal", "vertical"]}.get(action, ["full"])  # grayscale, sepia, remove: no parameter
 
 
 def amount(goal):

@@ -109,6 +109,84 @@ replace background | replace {s} with {g} | change {s} to {g} | swap {s} for {g}
     | {s} is distracting, I want {g} instead | get rid of the busy background and use {g}
 """)
 
+# More ways to ask, for the train split only: imperatives (DO, which a request may also wrap in a question or a
+# "please": DO_FRAMES) and complaints or wishes (SAY). Written apart from the test templates above: no train request
+# contains a test template's wording (tests/test_data.py checks), so the test split still measures phrasings the
+# planner never saw.
+MORE_DO = _table("""
+brighten | make {s} {cmp} lighter | light up {s} {amt} | brighten up {s} {amt} | raise the exposure of {s} {amt}
+    | boost the brightness of {s} {amt} | lift the shadows of {s} {amt} | turn up the brightness on {s} {amt}
+darken | make {s} {cmp} dimmer | dim {s} {amt} | tone down the brightness of {s} {amt}
+    | turn down the brightness on {s} {amt} | bring the exposure of {s} down {amt} | make {s} {cmp} moodier
+increase contrast | raise the contrast of {s} {amt} | make {s} {cmp} more contrasty | give {s} {cmp} more contrast
+    | crank up the contrast of {s} {amt} | deepen the contrast in {s} {amt} | make the darks and lights of {s} {cmp} further apart
+decrease contrast | soften the contrast of {s} {amt} | flatten {s} {amt} | make {s} {cmp} flatter
+    | take some contrast out of {s} {amt} | tone down the contrast of {s} {amt} | make the tones of {s} {cmp} gentler
+saturate | make {s} {cmp} more colorful | intensify the colors of {s} {amt} | make the colors in {s} pop {amt}
+    | enrich the colors of {s} {amt} | pump up the saturation of {s} {amt} | give {s} {cmp} richer colors
+desaturate | mute the colors of {s} {amt} | make {s} {cmp} less colorful | take the saturation of {s} down {amt}
+    | soften the colors of {s} {amt} | lower the saturation of {s} {amt} | give {s} {cmp} calmer colors
+grayscale | turn {s} black and white | make {s} monochrome | convert {s} to black and white
+    | turn {s} into a monochrome picture | give {s} a black and white look | strip the color from {s}
+sepia | give {s} a sepia tone | add a sepia effect to {s} | tint {s} sepia | make {s} look sepia toned
+    | put a sepia filter on {s} | give {s} the brown tint of an antique print
+warm | make the colors of {s} {cmp} warmer | give {s} a {adj} warm tint | add an orange glow to {s} {amt}
+    | make the light in {s} {cmp} more golden | heat up the colors of {s} {amt} | push {s} toward yellow {amt}
+cool | make {s} {cmp} colder | give {s} a {adj} blue tint | chill {s} {amt} | push the colors of {s} toward blue {amt}
+    | cool off {s} {amt} | lower the color temperature of {s} {amt}
+recolor | make {s} {g} | color {s} {g} | change {s} to {g} | dye {s} {g} | switch the color of {s} to {g}
+    | repaint {s} in {g}
+blur | soften {s} {amt} | blur out {s} {amt} | make {s} {cmp} fuzzier | throw {s} out of focus {amt}
+    | add a {adj} blur to {s} | smudge {s} {amt}
+sharpen | make {s} {cmp} more detailed | crisp up {s} {amt} | bring {s} into focus {amt}
+    | enhance the detail of {s} {amt} | add clarity to {s} {amt} | make the edges in {s} {cmp} crisper
+denoise | clean up the noise in {s} {amt} | smooth out the grain in {s} {amt} | reduce the grain in {s} {amt}
+    | make {s} {cmp} smoother | clean up {s} {amt} | take the noise out of {s} {amt}
+remove | take {s} out | remove {s} from the picture | wipe out {s} | clear {s} away | cut {s} out of the photo
+    | make {s} disappear
+crop | change the aspect ratio of {s} to {g} | recrop {s} at {g} | make the frame of {s} {g}
+    | crop {s} so it is {g} | cut {s} to a {g} format
+rotate | rotate {s} {g} | turn {s} around by {g} | give {s} a turn of {g} | straighten {s} by rotating it {g}
+    | swing {s} around {g}
+flip | flip {s} around {g} | mirror-image {s} {g} | turn {s} over {g}
+vignette | put a {adj} vignette on {s} | dim the edges of {s} {amt} | fade the borders of {s} to dark {amt}
+    | make the edges of {s} {cmp} darker | frame {s} with a {adj} dark vignette
+add grain | add some {adj} grain to {s} | put {adj} film grain on {s} | add {adj} noise to {s}
+    | make {s} look like film {amt} | sprinkle {adj} grain over {s} | roughen {s} with {adj} grain
+pixelate | pixelize {s} {amt} | turn {s} into {adj} pixels | make {s} {cmp} pixelated | obscure {s} with {adj} pixels
+    | break {s} up into {adj} squares
+replace background | replace {s} by {g} | switch {s} to {g} | put the subject in front of {g} | change {s} into {g}
+    | use {g} for {s}
+""")
+MORE_SAY = _table("""
+brighten | {s} is {too} dim | {s} looks {too} murky | {s} seems {too} underexposed | {s} came out {too} shadowy
+darken | {s} is {too} light | {s} came out {too} bright | {s} is {too} glaring | {s} looks {too} blown out
+increase contrast | {s} is {too} low in contrast | {s} is {too} lacking in punch | {s} has {too} little contrast
+    | {s} looks {too} grey and lifeless
+decrease contrast | {s} is {too} contrasty | {s} has {too} much contrast | {s} looks {too} punchy
+saturate | {s} looks {too} pale | {s} looks {too} drab | {s} is {too} lacking in color | the colors of {s} are {too} weak
+desaturate | {s} is {too} saturated | the colors in {s} are {too} garish | {s} looks {too} vivid
+    | the colors of {s} are {too} intense
+grayscale | I want {s} without any color | {s} would look better in black and white | {s} should be monochrome
+sepia | {s} should have an old brown sepia look | I want {s} in sepia | {s} would look nice in antique brown
+warm | {s} feels {too} chilly | {s} looks {too} blue | {s} looks {too} cold and clinical
+cool | {s} looks {too} orange | {s} looks {too} yellow | {s} feels {too} hot | {s} is {too} golden
+recolor | I want {s} in {g} | {s} should be {g} | {s} would look better {g}
+blur | {s} is {too} busy | {s} is {too} detailed and steals attention | {s} pulls the eye away, soften it {amt}
+sharpen | {s} is {too} fuzzy | {s} looks {too} blurry | {s} looks {too} mushy | {s} is {too} lacking in detail
+denoise | {s} is {too} grainy | {s} has {too} much noise | {s} looks {too} gritty
+remove | {s} ruins the shot | I wish {s} were not in the photo | {s} has to go
+crop | I need {s} in {g} | {s} should be {g} | {s} has to fit a {g} frame
+rotate | {s} is tilted, turn it {g} | {s} is the wrong way up, it needs {g}
+flip | {s} faces the wrong direction, mirror it {g} | I want {s} reversed {g}
+vignette | I want {s} to have {adj} dark corners | the corners of {s} are {too} bright
+add grain | {s} looks {too} plasticky | {s} looks {too} sterile | {s} needs a {adj} filmic texture
+pixelate | I want {s} unrecognizable behind {adj} pixels | {s} should be anonymized with {adj} pixels
+replace background | I want {g} instead of {s} | {s} should be {g} | {s} is ugly, put {g} there
+""")
+DO_FRAMES = ["please {t}", "can you {t}?", "could you {t}, please?", "I'd like you to {t}", "{t}, thanks",
+             "would you {t}?"]
+
 # Composites: one indirect phrase that means several whole-image edits, listed in the order they should be applied.
 COMPOSITES = {
     "old photo": (["make it look like an old photograph", "make this look like a photo from 1920"],
@@ -131,14 +209,30 @@ OPPOSITES = [{"brighten", "darken"}, {"increase contrast", "decrease contrast"},
              {"warm", "cool"}, {"blur", "sharpen"}, {"grayscale", "sepia"}]  # never asked for together
 
 
+def templates(action, split):
+    """[(template id, template)] of an action in a split: the test split has TEMPLATES' test columns; the train
+    split their train columns and the train-only MORE_DO and MORE_SAY."""
+    rows = [(f"{action}/{i}", t) for i, t in enumerate(TEMPLATES[action])]
+    if split == "train":
+        rows += [(f"{action}/{kind}{i}", t) for kind, table in (("d", MORE_DO), ("s", MORE_SAY))
+                 for i, t in enumerate(table[action])]
+    return [(i, t) for i, t in rows if TEMPLATE_SPLIT[i] == split]
+
+
 def combo_split(actions):
     """The split that owns a combination of 2-3 actions: a stable hash of the sorted actions, ~1/3 to test."""
     return "test" if zlib.crc32("+".join(sorted(actions)).encode()) % 3 == 0 else "train"
 
 
 TEMPLATE_SPLIT = {f"{a}/{i}": "test" if i % 3 == 2 else "train" for a, ts in TEMPLATES.items() for i in range(len(ts))}
+TEMPLATE_SPLIT.update({f"{a}/{kind}{i}": "train" for kind, table in (("d", MORE_DO), ("s", MORE_SAY))
+                       for a, ts in table.items() for i in range(len(ts))})
 TEMPLATE_SPLIT.update({f"{c}/{i}": combo_split([a for a, _ in edits]) for c, (says, edits) in COMPOSITES.items()
                        for i in range(len(says))})
+
+
+DIRECT = {f"{a}/{i}" for a in TEMPLATES for i in range(4)} | {f"{a}/d{i}" for a, ts in MORE_DO.items()
+                                                            for i in range(len(ts))}  # imperatives: DO_FRAMES fit
 
 
 def _color_of(subject):
@@ -194,7 +288,7 @@ def make_split(split, n=None, seed=0):
     if not isinstance(n, int) or n < 0:
         raise DataError(f"n must be a non-negative int, got {n!r}")
     rng = random.Random(f"{split}:{seed}")  # a str seed goes through sha512: the same on every run and machine
-    mine = {a: [i for i in range(len(ts)) if TEMPLATE_SPLIT[f"{a}/{i}"] == split] for a, ts in TEMPLATES.items()}
+    mine = {a: templates(a, split) for a in TEMPLATES}
     composites = [c for c in COMPOSITES if TEMPLATE_SPLIT[f"{c}/0"] == split]
     names, deck, samples = image_names(), [], []
     while len(samples) < n:
@@ -214,9 +308,11 @@ def make_split(split, n=None, seed=0):
                 image = rng.choice(names)
                 edits = _multi(rng, split, image)
             picks = [rng.choice(mine[a]) for a, _, _ in edits]  # one template of this split per edit
-            ids = [f"{a}/{i}" for i, (a, _, _) in zip(picks, edits)]
-            parts = [render(rng, TEMPLATES[a][i], a, s, g) for i, (a, s, g) in zip(picks, edits)]
+            ids = [i for i, _ in picks]
+            parts = [render(rng, t, a, s, g) for (_, t), (a, s, g) in zip(picks, edits)]
             text = parts[0] + "".join(rng.choice(JOINERS) + p for p in parts[1:])
+            if split == "train" and len(ids) == 1 and ids[0] in DIRECT and rng.random() < 0.3:
+                text = rng.choice(DO_FRAMES).format(t=text)
         samples.append({"image": image, "instruction": text[0].upper() + text[1:], "action": [e[0] for e in edits],
                         "subject": [e[1] for e in edits], "goal": [e[2] for e in edits], "template": "+".join(ids)})
     return samples

@@ -11,6 +11,7 @@ model is used.
 """
 import re
 from collections import Counter
+from itertools import permutations
 from dataclasses import dataclass
 
 FIELDS = ("action", "subject", "goal")
@@ -98,6 +99,25 @@ def f1(pred, gold):
     if hit == 0:
         return 0.0
     p, r = hit / len(pred), hit / len(gold)
+    return 2 * p * r / (p + r)
+
+
+def edit_f1(pred, gold):
+    """F1 of two plans compared edit by edit: each predicted (action, subject, goal) is paired with at most one gold
+    edit, the pairing that matches the most fields, and a pair counts the share of its three fields that agree.
+    pred, gold: dicts of aligned normalised lists. Unlike the per-field F1, which compares each field's multiset
+    apart, a second edit with the right subject and goal under the wrong action still earns 2/3 of an edit, and an
+    edit left out loses its whole share of the recall."""
+    P, Gd = (list(zip(*(d[f] for f in FIELDS))) for d in (pred, gold))
+    if not P or not Gd:
+        return float(not P and not Gd)
+    score = [[sum(x == y for x, y in zip(p, g)) / 3 for g in Gd] for p in P]
+    small, large = (P, Gd) if len(P) <= len(Gd) else (Gd, P)  # at most MAX_ITEMS edits: try every pairing
+    best = max(sum(score[i][j] if small is P else score[j][i] for i, j in enumerate(pick))
+               for pick in permutations(range(len(large)), len(small)))
+    if best == 0:
+        return 0.0
+    p, r = best / len(P), best / len(Gd)
     return 2 * p * r / (p + r)
 
 

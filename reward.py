@@ -21,7 +21,7 @@ The outcome reward (`Outcome`, below) closes the loop the paper leaves open: it 
 and scores the edited image against the target image, the pixels that should not change, and a no-reference quality
 score. `Judge` scores the same edited images with the local VLM judge instead (vlm.judge: completion, quality,
 preservation, as the paper's GPT-4o judges do; VLM planners only). `make_reward(cfg, planner)` builds the one that
-the config's `reward` names: paper, outcome, both or judge.
+the config's `reward` names: paper, edits, outcome, both or judge.
 """
 import os
 import sys
@@ -38,21 +38,36 @@ import editor
 import regions
 import vlm
 from data import load_image, sample_image
-from plan import FIELDS, f1, format_plan, normalize, parse  # noqa: F401  (format_plan: tests)
+from plan import FIELDS, edit_f1, f1, format_plan, normalize, parse  # noqa: F401  (format_plan: tests)
 
 def paper_rewards(completions, golds):
     """Score a batch. completions: list[str] (N,); golds: list of dicts with 'action', 'subject', 'goal' lists (N,).
-    Returns (rewards (N,), info) where info maps 'format', 'f1_action', 'f1_subject', 'f1_goal', 'f1' to (N,)."""
+    Returns (rewards (N,), info) where info maps 'format', 'f1_action', 'f1_subject', 'f1_goal', 'f1' and
+    'edit_f1' (plan.edit_f1) and 'edit_count' (fewer edits / more edits of plan and gold; both 0 for a plan that
+    does not parse) to (N,)."""
     assert len(completions) == len(golds), f"{len(completions)} completions but {len(golds)} labels"
     rows = []
     for text, gold in zip(completions, golds):
         p = parse(text)
-        fs = [f1(p[f], [normalize(x, f) for x in gold[f]]) for f in FIELDS]
-        rows.append([float(p["ok"])] + fs)
-    t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)  # (N, 4): format, f1 x 3
+        gold = {f: [normalize(x, f) for x in gold[f]] for f in FIELDS}
+        fs = [f1(p[f], gold[f]) for f in FIELDS]
+        n, k = len(p["action"]), len(gold["action"])
+        rows.append([float(p["ok"])] + fs + ([edit_f1(p, gold), min(n, k) / max(n, k)] if p["ok"] else [0.0, 0.0]))
+    t = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)  # (N, 6): format, f1 x 3, edit F1, edit count
     info = {"format": t[:, 0], "f1_action": t[:, 1], "f1_subject": t[:, 2], "f1_goal": t[:, 3],
-            "f1": t[:, 1:].mean(1)}
-    return t.mean(1), info
+            "f1": t[:, 1:4].mean(1), "edit_f1": t[:, 4], "edit_count": t[:, 5]}
+    return t[:, :4].mean(1), info
+
+
+def edit_rewards(completions, golds):
+    """The edit-level reward: (format + 3 x edit F1 + edit count) / 5. The paper's three per-field F1s are replaced
+    by one F1 over whole edits (plan.edit_f1), and the count term pays for writing as many edits as the request
+    has: under any F1 alone, a planner unsure of a request's second edit scores more by leaving it out than by
+    guessing it wrong, and GRPO trained the paper's planner to write one edit for every request. With the count
+    term a wrong guess costs nothing on average and a half-right one pays. Returns (rewards (N,), info) with
+    paper_rewards' parts and the paper's reward under 'paper_reward'."""
+    paper, info = paper_rewards(completions, golds)
+    return (info["format"] + 3 * info["edit_f1"] + info["edit_count"]) / 5, {**info, "paper_reward": paper}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,12 +298,13 @@ class Judge:
 
 def make_reward(cfg, planner=None):
     """The reward that cfg.reward names, as one function (completions, samples) -> (rewards (N,), info): "paper",
+    "edits" (edit_rewards),
     "outcome" (Outcome at cfg.outcome_size with cfg.outcome_weights), "both" (cfg.outcome_mix * outcome +
     (1 - cfg.outcome_mix) * paper) or "judge" (Judge; needs the VLM `planner`). The paper's parts (format, F1s)
     are always in info, so every run logs them; the others add their parts, the agents' step counts of the batch
     and their seconds."""
-    if cfg.reward == "paper":
-        return paper_rewards
+    if cfg.reward in ("paper", "edits"):
+        return paper_rewards if cfg.reward == "paper" else edit_rewards
     outcome = Outcome(cfg.outcome_size, cfg.outcome_weights, quality=cfg.reward != "judge")
     scorer = Judge(planner, outcome) if cfg.reward == "judge" else outcome
     mix = cfg.outcome_mix if cfg.reward == "both" else 1.0

@@ -13,6 +13,7 @@ Simplified: the top-p cut and the masks of constrained decoding (`allowed`, Plan
 drawn but are left out of the log-probs, which stay those of the full tempered distribution.
 """
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +81,16 @@ def draw(probs, generator=None):
 # run time (the untrained 135M planner writes 'sepia filter', 'reframe', 'moderately' as actions). PlanGrammar
 # masks, at each decoding step, the tokens after which the text can no longer become a runnable plan:
 #   <action>A; A</action><subject>S; S</subject><goal>G; G</goal>   then a stop token, and nothing else
-# with A one of the editor's actions, G one of editor.goal_choices(A) for the action at the same position, S free
-# printable text (no ';', '<', '>', at most SUBJECT_CHARS), as many subjects and goals as actions, MAX_ITEMS at most.
-# Only the `top_k` likeliest tokens are tried (if none fits: the tokens of the choices and tags; then any).
+# with A one of the editor's actions, G one of editor.goal_choices(A) for the action at the same position (or, for
+# a colour, any lower-case '#rrggbb': HEX), S free printable text (no ';', '<', '>', at most SUBJECT_CHARS), as many
+# subjects and goals as actions, MAX_ITEMS at most. Only the `top_k` likeliest tokens are tried (if none fits: the
+# tokens of the choices, hex digits and tags; then any).
+HEX = re.compile(r"#[0-9a-f]{0,6}")  # a '#rrggbb' colour being written; a whole one has its 6 digits
+
 
 def plan_grammar(tok):
-    """The PlanGrammar of a tokenizer, built once (decoding each of SmolLM2's 49k tokens takes 0.1-0.3 s)."""
+    """The PlanGrammar of a tokenizer, built once: about 0.25 s for SmolLM2's, half of it decoding its 49k tokens,
+    most of the rest tokenizing its 1.8k goals twice (a thousand angles, 442 ratios, the colours)."""
     if getattr(tok, "_plan_grammar", None) is None:
         tok._plan_grammar = PlanGrammar(tok, stop_ids(tok))
     return tok._plan_grammar
@@ -99,7 +104,8 @@ class PlanGrammar:
         self.heads = (f"<{a}>", f"</{a}><{s}>", f"</{s}><{g}>", f"</{g}>")
         self.tok, self.strings = tok, [tok.decode([i]) for i in range(len(tok))]  # the text each token adds
         self.stop, self.top_k = set(stop), top_k
-        self.choices = {"action": editor.ACTIONS, **{a: editor.goal_choices(a) for a in editor.ACTIONS}}
+        # sets: a whole goal is looked up at every step, and rotate has a thousand of them
+        self.choices = {"action": set(editor.ACTIONS), **{a: set(editor.goal_choices(a)) for a in editor.ACTIONS}}
         # An action or goal is written in its own tokens only: 'sepia' may not start as 's' + 'epi', which the
         # model never saw and after which it has no good next token. pieces[key, lead]: the texts at the token
         # boundaries of each choice, written after a tag (lead "") or after '; ' (lead " ", which its first token
@@ -116,6 +122,9 @@ class PlanGrammar:
                     self.common.update(ids)
         for text in (*self.heads, ";", "; ", "<", "</"):
             self.common.update(tok(text, add_special_tokens=False)["input_ids"])
+        # '#rrggbb' is checked by pattern, in any tokens (there is no list to take its own tokens from): every token
+        # that can write part of one is common, so a colour begun is always finished
+        self.common.update(i for i, s in enumerate(self.strings) if re.fullmatch(r" ?#[0-9a-f]{0,6}|[0-9a-f]{1,6}", s))
 
     def state(self, text):
         """'done' (a whole plan), 'open' (the start of one) or None (no runnable plan starts like this)."""
@@ -153,7 +162,11 @@ class PlanGrammar:
                       and not item.startswith(" ") and (last or item.strip()))
             else:
                 key = "action" if f == 0 else actions[i]
-                ok = raw in self.pieces[key, " " if i else ""] if last else item in self.choices[key]
+                hex_ok = key in editor.COLOR_ACTIONS and HEX.fullmatch(item)
+                if last:
+                    ok = raw in self.pieces[key, " " if i else ""] or hex_ok
+                else:
+                    ok = item in self.choices[key] or hex_ok and len(item) == 7
             if not ok:
                 return None
         return items if closed else items[:-1]
@@ -318,21 +331,25 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     return Rollout(ids=torch.stack(toks, 1), mask=torch.stack(masks, 1).long(), logp=torch.stack(lps, 1))
 
 
-def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None, temperature=1.0):
+def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None, temperature=1.0, min_shared=16):
     """Per-token log-probs (N, T) of completions `ids` (N, T) given their prompts (B lists; N = B * group_size,
     rows prompt-major as `sample_group` returns them), with gradients; padding positions get 0. `temperature`:
     that of the sampler, whose log-probs these then equal (0 counts as 1, as in `sample_group`).
-    Like the sampler, each prompt goes through the model once and its KV cache is repeated for the group, then all
+    Like the sampler, the prompts' common beginning (the system prompt, ~165 of ~185 tokens on the cpu preset) goes
+    through the model once, each prompt's rest once, and that KV cache is repeated for the group; then all
     completions run on top of it: the same numbers as a forward pass over each full sequence, with the prompt part
-    (the longer one here) computed B instead of N times. Gradients flow through the shared cache into the prompt's
-    keys and values, so nothing is approximated."""
+    (the longer one here) computed about once instead of N times. Gradients flow through the shared cache into the
+    prompts' keys and values, so nothing is approximated. `min_shared`: see `prefill`."""
     T, G = ids.shape[1], group_size
     ids_in = ids.masked_fill(mask == 0, pad_id)
-    p_in, p_attn, p_pos = prompt_inputs(model, prompts, pad_id, vision)
+    checkpointed = model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    if checkpointed:  # a checkpointed layer keeps no KV cache: the prompts as they are, each full sequence run
+        p_in, p_attn, p_pos = prompt_inputs(model, prompts, pad_id, vision)
+    else:
+        out, p_attn, p_pos = prefill(model, prompts, pad_id, vision, min_shared)
     attn = torch.cat([p_attn.repeat_interleave(G, 0), mask], 1)                  # (N, L + T)
     pos = p_pos[..., -1:].repeat_interleave(G, -2) + 1 + torch.arange(T, device=ids.device)  # (N, T) or (3, N, T)
-    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        # checkpointed layers cannot keep a KV cache: run every full sequence instead (same numbers, more compute)
+    if checkpointed:  # same numbers, more compute
         if vision is None:
             inputs = {"input_ids": torch.cat([p_in["input_ids"].repeat_interleave(G, 0), ids_in], 1)}
         else:
@@ -341,7 +358,6 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
         logits = model(**inputs, attention_mask=attn, position_ids=torch.cat([p_pos.repeat_interleave(G, -2), pos], -1),
                        logits_to_keep=T + 1).logits[:, :-1]
     else:
-        out = model(**p_in, attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(G)
         rest = model(input_ids=ids_in, attention_mask=attn, position_ids=pos, past_key_values=cache,

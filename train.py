@@ -46,7 +46,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -242,32 +242,36 @@ def resume(out, policy, opt, sched, cfg, history):
     return start
 
 
-def grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad, cfg):
-    """One policy update on the kept groups: micro-batches of `micro_groups` groups, each with its reference pass
-    (the adapter off) and loss, gradients accumulated, clipped, and one optimizer step unless the loss or the
-    gradient norm is not finite (bf16 overflow: one such step would poison the LoRA weights and the optimizer's
-    moments for good). Returns (mean loss, mean KL, gradient norm, engine gap, finite): the gap is the mean
-    absolute difference per token between the log-probs the sampler reported and the policy's (see engine.py)."""
+def grpo_update(policy, params, opt, rounds, pad, cfg):
+    """One policy update on the kept groups of a step's rounds (Groups; at most B groups in all): micro-batches of
+    `micro_groups` groups, each with its reference pass (the adapter off) and loss, gradients accumulated, clipped,
+    and one optimizer step unless the loss or the gradient norm is not finite (bf16 overflow: one such step would
+    poison the LoRA weights and the optimizer's moments for good). Returns (mean loss, mean KL, gradient norm,
+    engine gap, finite): the gap is the mean absolute difference per token between the log-probs the sampler
+    reported and the policy's (see engine.py)."""
     G, loss_sum, kl_sum, gap, tokens = cfg.group_size, 0.0, 0.0, 0.0, 0
-    for i in range(0, len(keep), cfg.micro_groups):
-        gs = keep[i:i + cfg.micro_groups]
-        rows = torch.tensor([b * G + g for b in gs for g in range(G)], device=roll.ids.device)
-        ids, mask = roll.ids[rows], roll.mask[rows]
-        sub, vis = [prompts[b] for b in gs], vision and vision.subset(gs)
-        with torch.no_grad(), policy.disable_adapter():
-            ref_logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
-        logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
-        loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv.view(-1)[rows], mask, cfg.clip, cfg.beta)
-        gap, tokens = gap + ((logp.detach() - roll.logp[rows]).abs() * mask).sum().item(), tokens + mask.sum().item()
-        (loss * len(gs) / len(keep)).backward()
-        loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if keep else 0.0
+    n = sum(len(g.keep) for g in rounds)
+    for part in rounds:
+        roll, keep = part.roll, part.keep
+        for i in range(0, len(keep), cfg.micro_groups):
+            gs = keep[i:i + cfg.micro_groups]
+            rows = torch.tensor([b * G + g for b in gs for g in range(G)], device=roll.ids.device)
+            ids, mask = roll.ids[rows], roll.mask[rows]
+            sub, vis = [part.prompts[b] for b in gs], part.vision and part.vision.subset(gs)
+            with torch.no_grad(), policy.disable_adapter():
+                ref_logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
+            logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
+            loss, kl = grpo_loss(logp, logp.detach(), ref_logp, part.adv.view(-1)[rows], mask, cfg.clip, cfg.beta)
+            gap += ((logp.detach() - roll.logp[rows]).abs() * mask).sum().item()
+            tokens += mask.sum().item()
+            (loss * len(gs) / n).backward()
+            loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if n else 0.0
     finite = math.isfinite(loss_sum) and math.isfinite(norm)
-    if keep and finite:
+    if n and finite:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    n = max(len(keep), 1)
-    return loss_sum / n, kl_sum / n, norm, gap / max(tokens, 1), finite
+    return loss_sum / max(n, 1), kl_sum / max(n, 1), norm, gap / max(tokens, 1), finite
 
 
 def print_table(history, n):
@@ -336,16 +340,50 @@ def setup(cfg, device, dtype):
     return planner, params, *optimizer(params, device, cfg), meter
 
 
-def step_row(step, rewards, info, update, keep, roll, sched, meter, seconds, cfg):
-    """The logged row of a GRPO step: the reward and the means of its parts, the update (loss, KL, gradient norm,
-    engine gap), sizes and times."""
+@dataclass
+class Groups:
+    """One round of a step's sampling: B' requests, their prompts, G completions each, rewards and advantages."""
+    batch: list
+    prompts: list
+    vision: object           # vlm.Vision of the prompts' images, or None
+    roll: rollout.Rollout    # (B'*G, T)
+    rewards: torch.Tensor    # (B'*G,)
+    info: dict               # the reward's parts, (B'*G,) each
+    adv: torch.Tensor        # (B', G)
+    keep: list               # the groups with signal (rewards not all alike), those the update trains on
+
+
+def sample_groups(planner, sampler, batch, gen, score, meter, seconds, cfg, grammar):
+    """Prompts, rollouts and rewards of `batch` (adds to seconds["sample"] and seconds["reward"])."""
+    G, tok, t = cfg.group_size, planner.tok, time.time()
+    with meter.phase("vision" if planner.processor else "prompts"):
+        prompts, vision = make_prompts(planner, batch, cfg)
+    with meter.phase("sample"):
+        roll = rollout.sample_group(sampler, prompts, G, cfg.max_new_tokens, rollout.stop_ids(tok, planner.model),
+                                    tok.pad_token_id, cfg.temperature, cfg.top_p, gen, grammar=grammar, vision=vision)
+    seconds["sample"] += time.time() - t
+    t = time.time()
+    # all B'*G completions scored in one call (on the CPU), then the one place they move to the policy's device
+    with meter.phase("judge") if cfg.reward == "judge" else contextlib.nullcontext():
+        rewards, info = score(rollout.decode(tok, roll), [s for s in batch for _ in range(G)])
+    rewards = rewards.to(roll.ids.device)
+    adv, signal = group_advantages(rewards.view(len(batch), G), cfg.reward_tol)    # (B', G), (B',)
+    seconds["reward"] += time.time() - t
+    return Groups(batch, prompts, vision, roll, rewards, info, adv, signal.nonzero().flatten().tolist())
+
+
+def step_row(step, rounds, update, sched, meter, seconds, cfg):
+    """The logged row of a GRPO step: the reward and the means of its parts over the step's first B prompts (as
+    without dynamic sampling, so runs compare), the update (loss, KL, gradient norm, engine gap), sizes and times."""
     loss, kl, norm, gap = update
-    return {"phase": "grpo", "step": step + 1, "reward": round(rewards.mean().item(), 4),
-            **{k: round(v.float().nanmean().item(), 4) for k, v in info.items()},
+    first, kept = rounds[0], sum(len(g.keep) for g in rounds)
+    return {"phase": "grpo", "step": step + 1, "reward": round(first.rewards.mean().item(), 4),
+            **{k: round(v.float().nanmean().item(), 4) for k, v in first.info.items()},
             "loss": round(loss, 5), "kl": round(kl, 5), "grad_norm": round(norm, 4), "engine_gap": round(gap, 5),
-            "kept_groups": len(keep),
-            "dropped_groups": cfg.batch_prompts - len(keep), "lr": sched.get_last_lr()[0],
-            "tokens": int(roll.mask.sum()), **{f"{k}_seconds": round(v, 2) for k, v in seconds.items()},
+            "kept_groups": kept, "dropped_groups": cfg.batch_prompts - kept,
+            "prompts": sum(len(g.batch) for g in rounds), "lr": sched.get_last_lr()[0],
+            "tokens": sum(int(g.roll.mask.sum()) for g in rounds),
+            **{f"{k}_seconds": round(v, 2) for k, v in seconds.items()},
             "seconds": round(sum(seconds.values()), 2), "peak_gb": round(max(meter.peaks.values()) / 2**30, 3)}
 
 
@@ -366,46 +404,41 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
     sampler = engine.model if engine else policy
     if engine:
         engine.sync(policy)
-    score, judged = make_reward(cfg, planner), cfg.reward == "judge"
-    stop, pad, B, G = rollout.stop_ids(tok, planner.model), tok.pad_token_id, cfg.batch_prompts, cfg.group_size
+    score, pad, B = make_reward(cfg, planner), tok.pad_token_id, cfg.batch_prompts
     grammar, bad, longest = rollout.plan_grammar(tok) if cfg.constrain else None, 0, 0
     for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
-        t = [time.time()]
-        # sample: B prompts, G completions each; prompts and tokens are fixed by (seed, step), so runs replay
-        batch = grpo_batch(train_set, cfg.seed, step, B)
-        policy.eval()
-        with meter.phase("vision" if planner.processor else "prompts"):
-            prompts, vision = make_prompts(planner, batch, cfg)
-        longest = max(longest, *map(len, prompts))
+        t0, seconds = time.time(), {"sample": 0.0, "reward": 0.0}
+        # B prompts, G completions each, scored; then dynamic sampling: up to cfg.resample rounds of fresh prompts
+        # for the groups without signal. Prompts and tokens are fixed by (seed, step, round), so runs replay.
         gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-        with meter.phase("sample"):
-            roll = rollout.sample_group(sampler, prompts, G, cfg.max_new_tokens, stop, pad, cfg.temperature,
-                                        cfg.top_p, gen, grammar=grammar, vision=vision)
-        t.append(time.time())
-        # score all B*G completions in one call (on the CPU), then the one place they move to the policy's device
-        with meter.phase("judge") if judged else contextlib.nullcontext():
-            rewards, info = score(rollout.decode(tok, roll), [s for s in batch for _ in range(G)])
-        rewards = rewards.to(device)
-        adv, signal = group_advantages(rewards.view(B, G), cfg.reward_tol)          # (B, G), (B,)
-        keep = signal.nonzero().flatten().tolist()                                  # groups with signal
-        t.append(time.time())
+        policy.eval()
+        rounds = []
+        for r in range(cfg.resample + 1):
+            missing = B - sum(len(g.keep) for g in rounds)
+            if missing == 0:
+                break
+            groups = sample_groups(planner, sampler, grpo_batch(train_set, cfg.seed, step, missing, r), gen, score,
+                                   meter, seconds, cfg, grammar)
+            longest = max(longest, *map(len, groups.prompts))
+            rounds.append(groups)
         policy.train()
         with meter.phase("update"):
-            loss, kl, norm, gap, finite = grpo_update(policy, params, opt, roll, prompts, vision, adv, keep, pad,
-                                                      cfg)
+            t = time.time()
+            loss, kl, norm, gap, finite = grpo_update(policy, params, opt, rounds, pad, cfg)
             if engine and finite:
                 engine.sync(policy)
+            seconds["update"] = time.time() - t
         sched.step()  # the schedule follows the step number, skipped or not
         bad = 0 if finite else bad + 1
         if not finite:
             skip(step, loss, norm, bad, cfg, out)
             continue
-        seconds = dict(zip(("sample", "reward", "update"), (b - a for a, b in zip(t, t[1:] + [time.time()]))))
-        row = step_row(step, rewards, info, (loss, kl, norm, gap), keep, roll, sched, meter, seconds, cfg)
+        row = step_row(step, rounds, (loss, kl, norm, gap), sched, meter, seconds, cfg)
         log(out, history, row)
         tqdm.write(f"step {step + 1}/{cfg.steps} | reward {row['reward']:.3f} fmt {row['format']:.2f} "
-                   f"f1 {row['f1']:.3f} | groups {len(keep)}/{B} | loss {row['loss']:+.4f} kl {row['kl']:.4f} "
-                   f"| gnorm {norm:.3f} lr {row['lr']:.1e} | {time.time() - t[0]:.1f}s")
+                   f"f1 {row['f1']:.3f} | groups {row['kept_groups']}/{B} ({row['prompts']} prompts) | loss "
+                   f"{row['loss']:+.4f} kl {row['kl']:.4f} | gnorm {norm:.3f} lr {row['lr']:.1e} | "
+                   f"{time.time() - t0:.1f}s")
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or last:
             evaluate_now("eval", step + 1)

@@ -130,8 +130,8 @@ def test_any_seed_gives_valid_samples(seed, split):
 
 def test_every_template_renders_every_goal():
     rng = random.Random(0)
-    for a, templates in phrasings.TEMPLATES.items():
-        for t in templates:
+    for a in phrasings.TEMPLATES:
+        for t in [t for split in ("train", "test") for _, t in phrasings.templates(a, split)]:
             slots = {f for _, f, _, _ in string.Formatter().parse(t) if f}
             # exactly one way to carry the goal, so every label can be read off the text
             expect = {"s"} if phrasings.GOALS[a] == ["full"] else None
@@ -156,6 +156,21 @@ def test_templates_and_combinations_are_held_out():
                  for split, samples in (("train", TRAIN), ("test", TEST))}
     assert composite["train"] and composite["test"] and composite["train"].isdisjoint(composite["test"])
     assert len(phrasings.COMPOSITES) >= 4 and all(2 <= len(e) <= 3 for _, e in phrasings.COMPOSITES.values())
+
+
+def test_no_train_request_is_worded_like_a_test_template():
+    """The train-only phrasings are written apart from the test templates: no train request holds a test template's
+    fixed words around any slot fillers (the regular expression of the template, slots as wildcards)."""
+    import re
+    tests = [t for a in phrasings.TEMPLATES for _, t in phrasings.templates(a, "test")]
+    patterns = [re.compile(".+?".join(re.escape(w.strip()) for w in re.split(r"\{\w+\}", t) if w.strip()),
+                           re.IGNORECASE) for t in tests]
+    assert len(patterns) == 2 * len(data.ACTIONS)
+    hits = [(s["instruction"], p.pattern) for s in TRAIN for p in patterns
+            if p.search(s["instruction"]) and len(p.pattern) > 12]  # "saturate {s}", "{s} is {too} sharp": too short
+    assert not hits, hits[:5]
+    more = {t.split("/")[1][0] for s in TRAIN for t in s["template"].split("+")}
+    assert {"d", "s"} <= more  # the train-only phrasings are used
 
 
 def test_combo_split_is_stable_and_order_free():

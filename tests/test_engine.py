@@ -30,12 +30,19 @@ def test_token_logp_is_the_log_softmax_at_the_ids():
         assert torch.allclose(token_logp(logits, ids, t), want, atol=1e-5)
 
 
-def set_lora(policy, seed):
+def set_lora(policy, seed, scale=0.3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, w in policy.named_parameters():
             if "lora_" in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+                w.copy_(torch.randn(w.shape, generator=g) * scale)
+
+
+def clear_lora(policy):
+    with torch.no_grad():
+        for name, w in policy.named_parameters():
+            if "lora_B" in name:
+                w.zero_()  # B = 0: the adapter is a no-op again for the session's other tests
 
 
 def test_merged_copy_computes_what_the_policy_computes(tiny, tiny_dir):
@@ -50,10 +57,43 @@ def test_merged_copy_computes_what_the_policy_computes(tiny, tiny_dir):
             want = tiny.policy(input_ids=ids).logits
             got = copy.model(input_ids=ids).logits
         assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()  # fp32 sums in another order
-    with torch.no_grad():
-        for name, w in tiny.policy.named_parameters():
-            if "lora_B" in name:
-                w.zero_()
+    clear_lora(tiny.policy)
+
+
+@pytest.mark.parametrize("name, folder, scale", [("tiny", None, 0.3), ("smol", "cpu", 0.02)])
+def test_merged_engine_decodes_what_the_policy_decodes(request, name, folder, scale):
+    """With an adapter merged, the fp32 copy's greedy plans are the NF4 + LoRA policy's up to ties (where they part,
+    the policy gives both tokens the same log-prob within 1e-3), and the log-probs the sampler reports for the
+    copy's sampled completions are the policy's within 2e-3 per token."""
+    from planner import planner_folder
+    from rollout import build_prompt, completion_logp, sample_group, stop_ids
+    planner = request.getfixturevalue(name)
+    policy, tok, pad = planner.policy, planner.tok, planner.tok.pad_token_id
+    copy = Merged(request.getfixturevalue("tiny_dir") if folder is None else planner_folder(folder), torch.float32)
+    set_lora(policy, 0, scale)
+    copy.sync(policy)
+    prompts = [build_prompt(tok, r) for r in ("make it black and white and blur the background",
+                                              "the photo feels a bit cold", "crop it to a square")]
+    stop = stop_ids(tok, policy)
+    try:
+        with torch.no_grad():
+            want, got = (sample_group(m, prompts, 1, 24, stop, pad, temperature=0) for m in (policy, copy.model))
+            parted = 0
+            for i in range(len(prompts)):
+                diff = (want.ids[i] != got.ids[i]).nonzero()
+                if len(diff):  # a tie: the policy's log-probs of both tokens at the first place they part
+                    j, parted = diff[0].item(), parted + 1
+                    both = torch.stack([want.ids[i, :j + 1], got.ids[i, :j + 1]])
+                    lp = completion_logp(policy, [prompts[i]], both, torch.ones_like(both), pad, group_size=2)
+                    assert abs(lp[0, j] - lp[1, j]) < 1e-3, (name, i, j, lp[:, j])
+            assert parted <= 1  # ties are rare: most plans are equal token for token
+            roll = sample_group(copy.model, prompts, 4, 24, stop, pad, temperature=0.8,
+                                generator=torch.Generator().manual_seed(0))
+            logp = completion_logp(policy, prompts, roll.ids, roll.mask, pad, 4, temperature=0.8)
+        assert roll.mask.sum() > 3 * 4 * 5
+        assert ((logp - roll.logp).abs() * roll.mask).max() < 2e-3
+    finally:
+        clear_lora(policy)
 
 
 def test_auto_picks_the_merged_copy_where_it_fits(tiny, monkeypatch):

@@ -67,7 +67,8 @@ def test_paper_rewards_batch():
         "I would make the coat red.",                                               # no tags
     ]
     r, info = paper_rewards(texts, [GOLD] * len(texts))
-    assert r.shape == (5,) and set(info) == {"format", "f1_action", "f1_subject", "f1_goal", "f1"}
+    assert r.shape == (5,) and set(info) == {"format", "f1_action", "f1_subject", "f1_goal", "f1", "edit_f1",
+                                             "edit_count"}
     assert info["format"].tolist() == [1, 1, 1, 0, 0]
     assert r[:2].tolist() == [1.0, 1.0]
     assert r[2].item() == pytest.approx((1 + 3 * (2 / 3)) / 4)
@@ -75,6 +76,29 @@ def test_paper_rewards_batch():
     assert info["f1_action"][3].item() == 1.0 and r[3].item() == pytest.approx((0 + 1 + 4 / 3) / 4)
     assert r[4].item() == 0.0
     assert info["f1"][2].item() == pytest.approx(2 / 3)
+
+
+def test_edit_reward_pays_for_a_guess_at_a_second_edit():
+    """The edit-level reward: F1 over whole edits, and a count term, so that guessing a request's second edit costs
+    nothing on average where the per-field F1 punishes it (a plan of one edit scores more than one with a wrong
+    second edit)."""
+    from reward import edit_rewards
+    gold = {"action": ["recolor", "blur"], "subject": ["coat", "background"], "goal": ["scarlet", "strongly"]}
+    plans = [(["recolor"], ["coat"], ["scarlet"]),                                     # the second edit left out
+             (["recolor", "sharpen"], ["coat", "person"], ["scarlet", "slightly"]),    # a wrong second edit
+             (["recolor", "sharpen"], ["coat", "background"], ["scarlet", "strongly"]),  # the wrong action only
+             (["blur", "recolor"], ["background", "coat"], ["strongly", "scarlet"])]   # right, in another order
+    texts = [format_plan(*p) for p in plans] + ["<action>blur</action>"]
+    r, info = edit_rewards(texts, [gold] * 5)
+    assert info["edit_f1"].tolist() == pytest.approx([2 / 3, 1 / 2, 5 / 6, 1, 0])
+    assert info["edit_count"].tolist() == [0.5, 1, 1, 1, 0]
+    assert r.tolist() == pytest.approx([0.7, 0.7, 0.9, 1.0, 0.0])
+    paper = info["paper_reward"]
+    assert paper[0] > paper[1] and r[0] == pytest.approx(r[1].item())  # the paper's reward punishes the guess
+    # edits are paired by their fields, not their position: the per-field F1 cannot tell these two plans apart
+    swapped = format_plan(["recolor", "blur"], ["background", "coat"], ["strongly", "scarlet"])
+    _, both = edit_rewards([texts[3], swapped], [gold] * 2)
+    assert both["f1"].tolist() == [1.0, 1.0] and both["edit_f1"][1] == pytest.approx(2 / 3)  # 2 of 3 fields a pair
 
 
 def test_paper_rewards_length_mismatch():

@@ -94,10 +94,12 @@ def test_prompt_has_request_and_description(tiny):
 
 
 def test_shared_prompt_logp_equals_full_forward(tiny_dir):
-    """completion_logp runs each prompt once and shares its cache; values and LoRA gradients must equal a plain
-    forward pass over every full (prompt + completion) sequence."""
+    """completion_logp runs the prompts' shared beginning once, each prompt's rest once, and shares that cache with
+    the group; values and LoRA gradients must equal a plain forward pass over every full (prompt + completion)
+    sequence."""
     import torch.nn.functional as F
     from planner import load_planner
+    from rollout import shared_prefix
     p = load_planner("tiny", folder=tiny_dir)
     for m in p.policy.modules():  # a non-zero adapter, so gradients reach both LoRA matrices
         if hasattr(m, "lora_B"):
@@ -112,8 +114,11 @@ def test_shared_prompt_logp_equals_full_forward(tiny_dir):
         logp.sum().backward()
         return [q.grad.clone() for q in lora]
 
+    assert shared_prefix(prompts) >= 16  # the system prompt: run once for all prompts
     shared = completion_logp(p.policy, prompts, r.ids, r.mask, pad, group_size=3)
     g_shared = grads(shared)
+    alone = completion_logp(p.policy, prompts, r.ids, r.mask, pad, group_size=3, min_shared=10**6)
+    assert torch.allclose(shared, alone, atol=1e-5)
     full_prompts = [x for x in prompts for _ in range(3)]
     ids, attn, _ = left_pad([x + c[m.bool()].tolist() for x, c, m in zip(full_prompts, r.ids, r.mask)], pad, "cpu")
     pos = (attn.cumsum(-1) - 1).clamp(min=0)

@@ -75,7 +75,7 @@ def test_bad_overrides(argv, msg):
     ("--lora_dropout=1", r"lora_dropout=1.0 is out of range; allowed: a number in \[0, 1\)"),
     ("--outcome_weights=(1, 2)", r"outcome_weights=\(1, 2\) is out of range; allowed: 3 weights >= 0"),
     ("--outcome_weights=(0, 0, 0)", r"outcome_weights=\(0, 0, 0\) is out of range; allowed: 3 weights >= 0, not all"),
-    ("--reward=magic", "reward='magic' is out of range; allowed: paper, outcome, both or judge"),
+    ("--reward=magic", "reward='magic' is out of range; allowed: paper, edits, outcome, both or judge"),
     ("--sft_n=0", "sft_n=0 is out of range; allowed: >= 1 with sft_steps=2"),
     ("--seed=-1", "seed=-1 is out of range; allowed: an int >= 0"),
     ("--eval_every=0", "eval_every=0 is out of range; allowed: an int >= 1"),
@@ -123,7 +123,7 @@ def test_evaluate_scores_heldout(tiny):
     samples = make_split("test", 3)
     scores, texts = evaluate(tiny, samples, cfg)
     assert len(texts) == 3
-    assert set(scores) == {"format", "f1_action", "f1_subject", "f1_goal", "f1", "reward"}
+    assert set(scores) == {"format", "f1_action", "f1_subject", "f1_goal", "f1", "edit_f1", "edit_count", "reward"}
     assert all(0.0 <= v <= 1.0 for v in scores.values())
 
 
