@@ -111,6 +111,8 @@ def step(*argv):
     def run(name, args, root=here):
         out = Path(tempfile.mkdtemp(prefix="bench-step-"))
         t = time.time()
+        # dynamic sampling off: each step the same B prompts and tokens as a train.py without it (--against)
+        args = args + ["--resample=0"] * (root == here)
         log = subprocess.run([sys.executable, "train.py", *base, *args, f"--out_dir={out}"], cwd=root,
                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if log.returncode:

@@ -555,3 +555,38 @@ def test_prompts_carry_the_perception_text(tiny, monkeypatch):
                         lambda model, ps, *a, **k: prompts.extend(ps) or sample(model, ps, *a, **k))
     agents.greedy_plans(tiny, ["blur it"], 2, descriptions=["512px scene"])
     assert "Image: 512px scene\nRequest: blur it" in tiny.tok.decode(prompts[0])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_micro_batches_give_the_update_of_one_batch(tiny_dir, checkpointing):
+    """grpo_update in micro-batches of one group (the cpu preset's default: it keeps a run under 3 GB resident)
+    makes the same update as one batch of all groups, with the KV-cached prompts and with the full sequences of
+    gradient checkpointing alike."""
+    from planner import load_planner
+    from rollout import build_prompt, sample_group, stop_ids
+    from train import Groups, grpo_update
+    done = []
+    for micro in (1, 4):
+        torch.manual_seed(0)  # the same LoRA A (drawn at load) and B each time
+        p = load_planner("tiny", folder=tiny_dir)
+        for name, w in p.policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(w, std=0.1)  # a live adapter: the update moves both LoRA matrices
+        if checkpointing:
+            p.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pad, params = p.tok.pad_token_id, [q for q in p.policy.parameters() if q.requires_grad]
+        prompts = [build_prompt(p.tok, r) for r in ("blur it", "make the cat red", "crop it to a square", "flip")]
+        roll = sample_group(p.policy, prompts, 3, 8, stop_ids(p.tok), pad, generator=torch.Generator().manual_seed(0))
+        rewards = torch.rand(12, generator=torch.Generator().manual_seed(1))
+        adv, signal = group_advantages(rewards.view(4, 3))
+        groups = Groups([{}] * 4, prompts, None, roll, rewards, {}, adv, signal.nonzero().flatten().tolist())
+        cfg = parse_args(["--preset=tiny", f"--micro_groups={micro}", "--group_size=3"])
+        p.policy.train()
+        loss, kl, norm, gap, finite = grpo_update(p.policy, params, torch.optim.SGD(params, lr=1.0), [groups], pad,
+                                                  cfg)
+        done.append((loss, norm, [q.detach().clone() for q in params]))
+    (loss1, norm1, w1), (loss4, norm4, w4) = done
+    assert len(groups.keep) == 4 and norm1 > 0
+    assert loss1 == pytest.approx(loss4, abs=1e-5)  # (the logged KL is a mean of micro-batch means: not compared)
+    assert norm1 == pytest.approx(norm4, rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w1, w4))
