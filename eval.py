@@ -109,7 +109,8 @@ def keyword_plan(instruction):
         elif action == "crop":
             goal = (re.findall(r"\d+:\d+", clause) or ["square"])[0]
         elif action == "rotate":
-            goal = (re.findall(r"\d+", clause) or ["90"])[0] + " degrees"
+            way = next((w for w in ("counterclockwise", "clockwise") if w in clause), "")
+            goal = (re.findall(r"\d+", clause) or ["90"])[0] + " degrees" + (f" {way}" if way else "")
         elif action == "flip":
             goal = "vertical" if re.search(r"vertical|top to bottom", clause) else "horizontal"
         else:

@@ -32,8 +32,10 @@ from plan import ACTIONS
 AMOUNTS = ["slightly", "moderately", "strongly"]
 GOALS = {a: AMOUNTS for a in ACTIONS}
 GOALS.update({a: ["full"] for a in ("grayscale", "sepia", "remove")})  # actions without a parameter
-GOALS.update(recolor=[*COLORS, "scarlet", "copper", "teal", "white", "black"], crop=["square", "16:9", "4:3"],
-             rotate=["90 degrees", "180 degrees", "270 degrees"], flip=["horizontal", "vertical"])
+GOALS.update(recolor=[*COLORS, "scarlet", "copper", "teal", "white", "black"],
+             crop=["square", "16:9", "4:3", "3:2", "5:4"], flip=["horizontal", "vertical"],
+             rotate=["90 degrees", "180 degrees", "270 degrees", "45 degrees", "5 degrees counterclockwise",
+                     "10 degrees clockwise", "15 degrees counterclockwise"])  # small turns: straightening
 GOALS["replace background"] = GOALS["recolor"] + ["blurred"]
 
 # Ways to say an amount, by slot: {amt} after a verb, {cmp} before a comparative, {too} in a complaint, {adj} before
