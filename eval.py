@@ -44,10 +44,11 @@ from reward import Outcome, format_plan, paper_rewards, parse
 from rollout import plan_grammar
 
 ROWS = ["keyword baseline", "cold start", *(f"GRPO, {r} reward{how}" for how in (", free rollouts", "")
-                                            for r in ("paper", "outcome", "both"))]
+                                            for r in ("paper", "edits", "outcome", "both"))]
 COLUMNS = [("target", "target sim."), ("target_1", "target, 1 edit"), ("target_2", "target, 2+ edits"),
            ("edits", "edits/plan"), ("preserve", "preservation"), ("quality", "quality"), ("failed", "failed"),
-           ("format", "format"), ("f1", "F1"), ("paper", "paper reward")]
+           ("format", "format"), ("f1_action", "F1 action"), ("f1", "F1"), ("edit_f1", "edit F1"),
+           ("paper", "paper reward")]
 
 # ----------------------------------------------------------------------------------------------------------------
 # The keyword baseline: what a person writes in an afternoon, without a model. Each clause of the request gets the
@@ -176,7 +177,8 @@ def score(texts, samples, outcome):
              "target_2": target[usable & multi].mean(), "edits": statistics.mean(edits) if edits else float("nan"),
              "failed": 1 - done[usable].float().mean(),
              "preserve": out["preserve"][done].nanmean(), "quality": out["quality"][done].nanmean(),
-             "format": info["format"].mean(), "f1": info["f1"].mean(), "paper": paper.mean()}
+             "format": info["format"].mean(), "f1_action": info["f1_action"].mean(), "f1": info["f1"].mean(),
+             "edit_f1": info["edit_f1"].mean(), "paper": paper.mean()}
     per = [{k: round(v[i].item(), 4) for k, v in {**out, "f1": info["f1"]}.items()} for i in range(len(texts))]
     return {k: round(float(v), 4) if torch.is_tensor(v) else v for k, v in means.items()}, per
 

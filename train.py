@@ -15,9 +15,10 @@ One run: score the base model zero-shot on the held-out split, a short supervise
 most 10% of the train split, only so a small model learns the tag format), score again, then GRPO:
 
     for each step: B prompts -> G completions each (KV-cached sampler) -> rewards for all B*G in one call (the
-    paper's format + F1, or with --reward=outcome|both the plans run by the agents and the edited images scored)
-    -> advantages normalised within each group (groups with equal rewards carry no signal and are dropped)
-    -> per-token clipped surrogate + beta * k3 KL to the reference -> backward in micro-batches -> clip -> step
+    paper's format + F1, --reward=edits F1 over whole edits, or with --reward=outcome|both the plans run by the
+    agents and the edited images scored) -> advantages normalised within each group (groups with equal rewards
+    carry no signal: dynamic sampling draws fresh prompts for them, up to `resample` rounds) -> per-token clipped
+    surrogate + beta * k3 KL to the reference -> backward in micro-batches -> clip -> step
 
 What is simplified compared with the paper: one policy update per batch, so the ratio is exp(logp - logp.detach())
 (1 in value, the policy gradient in its derivative) and the clip only matters for code that takes several updates;
@@ -29,8 +30,8 @@ write the tags at all, so the KL (about 1 nat per token from the first step) is 
 `beta` is kept small. The cold start's adapter is the one GRPO goes on training.
 With a VLM planner (gpu24, tiny_vl) the prompt carries the image itself (vlm.prompts) instead of the perception
 text, and `--reward=judge` scores each plan's edited image with the planner's base model (reward.Judge).
-Each phase's peak memory (vision or prompts, sample, update, eval, judge) is measured (memory.Meter) and written
-to memory.json, next to the plan's estimate for a VLM planner.
+Each phase's peak memory (vision or prompts, sample, update, eval, judge) is measured (memory.Meter: on a CPU the
+kernel's peak resident set, free to read) and written to memory.json, next to the plan's estimate for a VLM planner.
 The device and the planner's dtype are chosen once (memory.pick_device: `--device=auto|cuda|cpu`, bf16 where native),
 printed and passed down; rewards are made on the CPU and cross to the device at one line of the step.
 

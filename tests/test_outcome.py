@@ -166,6 +166,8 @@ def test_keyword_baseline():
         plan(("crop", "whole image", "16:9"), ("rotate", "whole image", "90 degrees"))
     assert keyword_plan("change the color of the red circle to blue") == plan(("recolor", "red circle", "blue"))
     assert keyword_plan("make it look like a film noir still") == "<action></action><subject></subject><goal></goal>"
+    assert keyword_plan("straighten it: rotate the photo 5 degrees counterclockwise") == \
+        plan(("rotate", "whole image", "5 degrees counterclockwise"))
 
 
 def test_eval_table_and_files(tmp_path):
@@ -185,7 +187,7 @@ def test_eval_table_and_files(tmp_path):
     assert [r.name for r, _ in rows["GRPO, paper reward, free rollouts"]] == ["p0", "p1"]
     assert [r.name for r, _ in rows["cold start"]] == ["o0", "p1"]  # one per seed: o0 and p0 share seed 0
     m = {"target": 0.5, "target_1": 0.6, "target_2": 0.4, "edits": 1.5, "preserve": float("nan"), "quality": 0.7,
-         "failed": 0.1, "format": 1, "f1": 0.4, "paper": 0.6}
+         "failed": 0.1, "format": 1, "f1_action": 0.3, "f1": 0.4, "edit_f1": 0.35, "paper": 0.6}
     md = ev.table({"keyword baseline": [{"metrics": m}],
                    "GRPO, paper reward": [{"metrics": m}, {"metrics": {**m, "target": 0.7}}]})
     lines = md.splitlines()
