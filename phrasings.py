@@ -121,7 +121,8 @@ brighten | make {s} {cmp} lighter | light up {s} {amt} | brighten up {s} {amt} |
 darken | make {s} {cmp} dimmer | dim {s} {amt} | tone down the brightness of {s} {amt}
     | turn down the brightness on {s} {amt} | bring the exposure of {s} down {amt} | make {s} {cmp} moodier
 increase contrast | raise the contrast of {s} {amt} | make {s} {cmp} more contrasty | give {s} {cmp} more contrast
-    | crank up the contrast of {s} {amt} | deepen the contrast in {s} {amt} | make the darks and lights of {s} {cmp} further apart
+    | crank up the contrast of {s} {amt} | deepen the contrast in {s} {amt}
+    | make the darks and lights of {s} {cmp} further apart
 decrease contrast | soften the contrast of {s} {amt} | flatten {s} {amt} | make {s} {cmp} flatter
     | take some contrast out of {s} {amt} | tone down the contrast of {s} {amt} | make the tones of {s} {cmp} gentler
 saturate | make {s} {cmp} more colorful | intensify the colors of {s} {amt} | make the colors in {s} pop {amt}
