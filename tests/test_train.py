@@ -559,7 +559,7 @@ def test_prompts_carry_the_perception_text(tiny, monkeypatch):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_micro_batches_give_the_update_of_one_batch(tiny_dir, checkpointing):
-    """grpo_update in micro-batches of one group (the cpu preset's default: it keeps a run under 3 GB resident)
+    """grpo_update in micro-batches of one group (the cpu preset's default: its update's peak memory is half of 4's)
     makes the same update as one batch of all groups, with the KV-cached prompts and with the full sequences of
     gradient checkpointing alike."""
     from planner import load_planner
