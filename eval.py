@@ -244,9 +244,16 @@ def phrasing_sets(run, n):
         raise SystemExit(f"error: {run} is not a finished run folder (no {', '.join(missing)})")
     cfg = json.loads((Path(run) / "config.json").read_text())
     train = load_requests("", "train", cfg["train_n"], seed=cfg["seed"])
-    seen = {id(s) for step in range(cfg["steps"]) for s in grpo_batch(train, cfg["seed"], step, cfg["batch_prompts"])}
+    seed, B = cfg["seed"], cfg["batch_prompts"]
+    seen = {id(s) for step in range(cfg["steps"]) for s in grpo_batch(train, seed, step, B)}
+    # dynamic sampling's rounds drew at most B more each (a draw of fewer is a prefix of that one); any request
+    # with a text the run saw, in GRPO or in the cold start, is not "unseen"
+    maybe = {id(s) for step in range(cfg["steps"]) for r in range(1, cfg.get("resample", 0) + 1)
+             for s in grpo_batch(train, seed, step, B, r)}
+    texts = {s["instruction"] for s in train if id(s) in seen | maybe}
+    texts |= {s["instruction"] for s in train[:cfg["sft_n"]]}
     sets = {"seen train": [s for s in train if id(s) in seen][:n],
-            "unseen train": [s for s in train[cfg["sft_n"]:] if id(s) not in seen][:n],
+            "unseen train": [s for s in train[cfg["sft_n"]:] if s["instruction"] not in texts][:n],
             "held-out": load_requests("", "test", n, seed=0)}
     describe_requests([s for v in sets.values() for s in v])  # in place, each image described once for all sets
     return sets

@@ -223,14 +223,16 @@ def test_phrasing_sets_and_gap(tmp_path, monkeypatch):
         ev.phrasing_sets(run, 8)
     (run / "cold_start").mkdir()
     (run / "adapter").mkdir()
-    cfg = {"seed": 3, "train_n": 200, "sft_n": 20, "steps": 5, "batch_prompts": 4}
+    cfg = {"seed": 3, "train_n": 200, "sft_n": 20, "steps": 5, "batch_prompts": 4, "resample": 2}
     (run / "config.json").write_text(json.dumps(cfg))
     sets = ev.phrasing_sets(run, 8)
     assert [len(v) for v in sets.values()] == [8, 8, 8] and all("description" in s for v in sets.values() for s in v)
     train = load_requests("", "train", 200, seed=3)
     drawn = {s["instruction"] for k in range(5) for s in grpo_batch(train, 3, k, 4)}
+    resampled = {s["instruction"] for k in range(5) for r in (1, 2) for s in grpo_batch(train, 3, k, 4, r)}
     assert {s["instruction"] for s in sets["seen train"]} <= drawn
-    assert not {s["instruction"] for s in sets["unseen train"]} & (drawn | {s["instruction"] for s in train[:20]})
+    assert not {s["instruction"] for s in sets["unseen train"]} & (drawn | resampled | {s["instruction"]
+                                                                                          for s in train[:20]})
     for name, want in (("seen train", "train"), ("unseen train", "train"), ("held-out", "test")):
         assert {TEMPLATE_SPLIT[t] for s in sets[name] for t in s["template"].split("+")} == {want}, name
 
