@@ -35,6 +35,7 @@ What is left out: the CUDA context and kernels (about 0.5 GB, in `nvidia-smi`, n
 fragmentation (reserved - allocated), and small buffers (rope tables, masks). Measured peaks are compared with the
 estimate in tests/test_memory.py (CPU, a small random Qwen2.5-VL) and by gpu_check.py (the real 7B architecture).
 """
+import functools
 import json
 import re
 import time
@@ -295,10 +296,15 @@ def trim():
     a phase's fragments pile up on the last one's: without this a cpu training run grew to 5.5 GB resident for a
     working set of about 3 GB. Costs milliseconds; a no-op where there is no glibc."""
     try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@functools.cache
+def libc():
+    import ctypes
+    return ctypes.CDLL("libc.so.6")
 
 
 def peak_rss():
@@ -347,7 +353,7 @@ class Meter:
             class Info(ctypes.Structure):
                 _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks "
                                                           "uordblks fordblks keepcost".split()]
-            self._libc = ctypes.CDLL("libc.so.6")
+            self._libc = libc()
             self._libc.mallinfo2.restype = Info
 
     def _heap(self):
@@ -363,7 +369,7 @@ class Meter:
         On a CPU each phase first hands the memory glibc kept from the phases before back to the kernel (trim)."""
         import threading
         self.current, self.t = name, time.time()
-        if not torch.device(self.device).type == "cuda":
+        if torch.device(self.device).type != "cuda":
             trim()
         if self.kind == "cuda":
             torch.cuda.synchronize(self.device)

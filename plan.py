@@ -95,10 +95,14 @@ def f1(pred, gold):
     """Multiset F1 of two lists of normalised items. Both empty -> 1; one empty -> 0."""
     if not pred and not gold:
         return 1.0
-    hit = sum((Counter(pred) & Counter(gold)).values())
+    return harmonic(sum((Counter(pred) & Counter(gold)).values()), len(pred), len(gold))
+
+
+def harmonic(hit, n_pred, n_gold):
+    """F1 from the matched amount `hit` of n_pred predicted and n_gold gold items (0 when nothing matched)."""
     if hit == 0:
         return 0.0
-    p, r = hit / len(pred), hit / len(gold)
+    p, r = hit / n_pred, hit / n_gold
     return 2 * p * r / (p + r)
 
 
@@ -112,13 +116,11 @@ def edit_f1(pred, gold):
     if not P or not Gd:
         return float(not P and not Gd)
     score = [[sum(x == y for x, y in zip(p, g)) / 3 for g in Gd] for p in P]
-    small, large = (P, Gd) if len(P) <= len(Gd) else (Gd, P)  # at most MAX_ITEMS edits: try every pairing
-    best = max(sum(score[i][j] if small is P else score[j][i] for i, j in enumerate(pick))
-               for pick in permutations(range(len(large)), len(small)))
-    if best == 0:
-        return 0.0
-    p, r = best / len(P), best / len(Gd)
-    return 2 * p * r / (p + r)
+    if len(P) > len(Gd):  # rows: the shorter plan's edits, each paired with a distinct one of the longer's
+        score = [list(col) for col in zip(*score)]
+    best = max(sum(score[i][j] for i, j in enumerate(pick))  # at most MAX_ITEMS edits: try every pairing
+               for pick in permutations(range(len(score[0])), len(score)))
+    return harmonic(best, len(P), len(Gd))
 
 
 def format_plan(action, subject, goal):

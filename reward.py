@@ -303,8 +303,10 @@ def make_reward(cfg, planner=None):
     (1 - cfg.outcome_mix) * paper) or "judge" (Judge; needs the VLM `planner`). The paper's parts (format, F1s)
     are always in info, so every run logs them; the others add their parts, the agents' step counts of the batch
     and their seconds."""
-    if cfg.reward in ("paper", "edits"):
-        return paper_rewards if cfg.reward == "paper" else edit_rewards
+    if cfg.reward == "paper":
+        return paper_rewards
+    if cfg.reward == "edits":
+        return edit_rewards
     outcome = Outcome(cfg.outcome_size, cfg.outcome_weights, quality=cfg.reward != "judge")
     scorer = Judge(planner, outcome) if cfg.reward == "judge" else outcome
     mix = cfg.outcome_mix if cfg.reward == "both" else 1.0
