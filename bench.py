@@ -71,18 +71,19 @@ def main(preset="cpu", group_size=8, new_tokens=64, prompts=4, repeats=3, thread
     print(f"preset={preset} {prompts} prompts ({min(map(len, texts))}-{max(map(len, texts))} tokens) x G={group_size}"
           f", {new_tokens} new tokens, {str(dtype).removeprefix('torch.')}, threads={torch.get_num_threads()}, "
           f"median of {repeats}")
-    rows = {}
-    for name, fn in (("generate (policy)", hf), ("sample_group (policy)", ours(policy)),
-                     ("sample_group (merged)", ours(copy.model))):
+    ways = {"generate (policy)": hf, "sample_group (policy)": ours(policy), "sample_group (merged)": ours(copy.model)}
+    rates = {name: [] for name in ways}
+    for fn in ways.values():
         fn(0)  # warm-up: first calls pay one-time costs
-        rates = []
-        for i in range(repeats):
+    for i in range(repeats):  # round-robin: a machine that speeds up or slows down during the run favours no one
+        for name, fn in ways.items():
             t0 = time.perf_counter()
             n = fn(i + 1)
-            rates.append(n / (time.perf_counter() - t0))
+            rates[name].append(n / (time.perf_counter() - t0))
             assert n == prompts * group_size * new_tokens, f"{name} made {n} tokens"
-        rows[name] = statistics.median(rates)
-        print(f"{name:>22}: {rows[name]:7.1f} tokens/s  (runs: {', '.join(f'{r:.1f}' for r in rates)})")
+    rows = {name: statistics.median(r) for name, r in rates.items()}
+    for name, r in rates.items():
+        print(f"{name:>22}: {rows[name]:7.1f} tokens/s  (runs: {', '.join(f'{x:.1f}' for x in r)})")
     base = rows["generate (policy)"]
     print("speed-up over generate: " + ", ".join(f"{k.split()[1]} {v / base:.2f}x" for k, v in rows.items()
                                                   if k != "generate (policy)"))

@@ -12,11 +12,15 @@ Rollouts are sampled from the copy with the same KV-cached sampler, grammar and 
 log-probs from the NF4 + LoRA policy, so the copy only decides which completions are drawn. The two differ by the
 rounding of the copy's dtype: train.py logs the mean absolute difference of their per-token log-probs
 (`engine_gap`). Text planners only (cpu, tiny): a VLM planner samples from the policy.
+
+Two things make the copy fast on a CPU: its decoding attention reads each prompt's keys once per group
+(rollout.group_attention), and its Linear layers keep their weights in oneDNN's blocked layout (`Packed`).
 """
 import torch
 
 import memory
 from planner import dequantized_folder
+from rollout import use_group_attention
 
 
 class Merged:
@@ -26,6 +30,11 @@ class Merged:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder), dtype=torch.float32)
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        use_group_attention(self.model)  # decoding reads each prompt's keys once per group, not once per sample
+        if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
+            for name, m in list(model.named_modules()):
+                if type(m) is torch.nn.Linear:
+                    model.set_submodule(name, Packed(m.weight, m.bias))  # the tied output layer gets its own
         self.modules = dict(model.named_modules())
         self.base = {}  # name -> the fp32 weight of a layer the adapter changes, filled at the first sync
         self.dtype = dtype
@@ -38,15 +47,34 @@ class Merged:
             if not hasattr(m, "lora_A") or "default" not in m.lora_A:
                 continue
             target = self.modules[name.removeprefix("base_model.model.")]
+            device = next(self.model.parameters()).device
             if name not in self.base:  # the dequantized base, kept in fp32: merging into bf16 would drift
-                self.base[name] = base_weight(m.base_layer).to(target.weight.device)
+                self.base[name] = base_weight(m.base_layer).to(device)
             delta = m.lora_B["default"].weight.float() @ m.lora_A["default"].weight.float()
-            target.weight.copy_((self.base[name] + m.scaling["default"] * delta.to(target.weight.device))
-                                .to(self.dtype))
+            weight = (self.base[name] + m.scaling["default"] * delta.to(device)).to(self.dtype)
+            target.set(weight) if isinstance(target, Packed) else target.weight.copy_(weight)
             n += 1
         if n == 0:
             raise ValueError("the policy has no LoRA layers to merge into the rollout engine")
         return n
+
+
+class Packed(torch.nn.Module):
+    """A Linear layer for inference on a CPU whose weight is kept in oneDNN's blocked layout (the layout PyTorch's
+    compiler prepacks CPU weights into; torch.ops.mkldnn). The same numbers as F.linear, 1.3-1.6x faster for the
+    planner's shapes on this machine (a decoded token of 32 sequences: 0.23 -> 0.15 ms for a 576 x 1536 weight;
+    the 49k-token output layer 8.9 -> 5.4 ms). No gradients: the copy only samples."""
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        self.bias = bias
+        self.set(weight)
+
+    def set(self, weight):
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # 32: rows of a decoded token
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def base_weight(layer):

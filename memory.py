@@ -322,6 +322,9 @@ def live_tensor_bytes():
     seen = {}
     for o in gc.get_objects():
         if isinstance(o, torch.Tensor) and o.device.type == "cpu" and not o.is_meta:
+            if o.is_mkldnn:  # oneDNN's opaque layout (engine.Packed): no storage to read, never a view
+                seen[id(o)] = o.numel() * o.element_size()
+                continue
             s = o.untyped_storage()
             seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())

@@ -68,12 +68,20 @@ def top_p_filter(probs, top_p):
     return torch.zeros_like(probs).scatter(-1, idx, p.masked_fill(drop, 0.0))
 
 
-def draw(probs, generator=None):
+def draw(probs, generator=None, block=256):
     """One token per row of probs (N, V), by inverting the cumulative distribution at a uniform draw: the same
-    distribution as torch.multinomial, which on a CPU costs 30x more (it spends 12% of a rollout at V=49152)."""
-    cdf = probs.cumsum(-1)                                                        # (N, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1).squeeze(-1)  # right: no zero-mass token
+    distribution as torch.multinomial, which on a CPU costs 30x more. In two levels: the cumulative mass of blocks of
+    `block` tokens picks a block, then that block's own picks the token (a cumulative sum over all 49k tokens of
+    SmolLM2 costs 6x more, and rounds more)."""
+    N, V = probs.shape
+    p = F.pad(probs, (0, -V % block)).view(N, -1, block)                          # (N, blocks, block)
+    cum = p.sum(-1).cumsum(-1)                                                    # (N, blocks)
+    u = torch.rand(N, 1, generator=generator, device=probs.device) * cum[:, -1:]
+    b = torch.searchsorted(cum, u, right=True).clamp(max=cum.shape[1] - 1)        # right: no zero-mass block
+    u = u - torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)          # the mass left inside block b
+    inner = p.gather(1, b[..., None].expand(N, 1, block)).squeeze(1).cumsum(-1)   # (N, block)
+    i = torch.searchsorted(inner, u, right=True).clamp(max=block - 1)
+    return (b * block + i).clamp(max=V - 1).squeeze(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,17 +229,26 @@ def prefill(model, prompts, pad_id, vision=None, min_shared=16):
     n = shared_prefix(prompts) if vision is None and len(prompts) > 1 else 0
     if n < min_shared:
         inputs, attn, pos = prompt_inputs(model, prompts, pad_id, vision)
-        return model(**inputs, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1), attn, pos
+        return model(**inputs, attention_mask=attn, position_ids=pos, use_cache=True,
+                     logits_to_keep=last(1, attn.shape[1], attn.device)), attn, pos
     device = next(model.parameters()).device
     cache = model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True,
-                  logits_to_keep=1).past_key_values  # only its cache is wanted
+                  logits_to_keep=last(1, n, device)).past_key_values  # only its cache is wanted
     cache.batch_repeat_interleave(len(prompts))
     ids, rest, _ = left_pad([p[n:] for p in prompts], pad_id, device)
     attn = torch.cat([torch.ones(len(prompts), n, dtype=rest.dtype, device=device), rest], 1)  # (B, n + S)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # each prompt's tokens count on from the shared part, pads masked
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos[:, n:], past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=last(1, ids.shape[1], device))
     return out, attn, pos
+
+
+def last(k, length, device):
+    """logits_to_keep for the last k of `length` positions, as indices: with the int k, transformers slices the
+    hidden states to a view that is not contiguous, and torch then multiplies it by the output layer through a batched
+    matmul that first copies the whole output matrix once per row (no_grad on a CPU: 4 x 57 MB for SmolLM2's prefill
+    of 4 prompts; gpu24's update would copy its 1 GB matrix once per completion). Indices gather a contiguous copy."""
+    return torch.arange(length - k, length, device=device)
 
 
 def shared_prefix(prompts):
@@ -244,10 +261,15 @@ def shared_prefix(prompts):
 
 
 @functools.cache
-def reserved_layer():
-    """ReservedLayer: a layer of transformers' DynamicCache with room reserved for `room` more tokens, where each
-    decoded token's keys and values are written in place (DynamicLayer concatenates, copying the whole cache at every
-    token: 14% of a rollout on the merged engine). Made on first use: edit.py's cpu path runs without transformers."""
+def cache_layers():
+    """(DynamicLayer, ReservedLayer, GroupLayer): layers of transformers' DynamicCache for decoding. Made on first use:
+    edit.py's cpu path runs without transformers.
+    ReservedLayer has room reserved for `room` more tokens, where each decoded token's keys and values are written
+    in place (DynamicLayer concatenates, copying the whole cache at every token: 14% of a rollout on the merged
+    engine).
+    GroupLayer keeps a group's shared prompt once: the prompts' keys and values (B rows) and, in reserved room, each
+    sample's own (B*G rows). Its keys carry the prompt's as `.prompt`, which `group_attention` reads; what other
+    code sees of the layer is the samples' part, its length counts both."""
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
@@ -267,15 +289,75 @@ def reserved_layer():
             self.n += t
             self.keys, self.values = self.k[:, :, :self.n], self.v[:, :, :self.n]
             return self.keys, self.values
-    return DynamicLayer, ReservedLayer
+
+    class GroupLayer(ReservedLayer):
+        def __init__(self, layer, group_size, room):
+            DynamicLayer.__init__(self)
+            self.is_initialized, self.dtype, self.device = True, torch.float32, layer.keys.device  # fp32: see
+            self.prompt = (layer.keys.float(), layer.values.float(), group_size)                  # group_attention
+            B, H, _, D = layer.keys.shape
+            self.k, self.v = (layer.keys.new_empty(B * group_size, H, room, D, dtype=self.dtype) for _ in "kv")
+            self.n, self.keys, self.values = 0, self.k[:, :, :0], self.v[:, :, :0]  # the prompt is not copied in
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states)
+            keys.prompt = self.prompt
+            return keys, values
+
+        def get_seq_length(self):
+            return self.prompt[0].shape[-2] + self.n
+    return DynamicLayer, ReservedLayer, GroupLayer
 
 
-def reserve(cache, room):
-    """Give every layer of a DynamicCache room for `room` more tokens (reserved_layer), in place."""
-    dynamic, reserved = reserved_layer()
+def reserve(cache, room, group_size=1):
+    """Make room in every layer of a DynamicCache of B prompts for `room` more tokens of `group_size` samples each,
+    in place: GroupLayers for a model whose attention is `group_attention` ("grouped"), else the prompts' cache
+    repeated G times into ReservedLayers."""
+    dynamic, reserved, grouped = cache_layers()
+    if getattr(cache, "grouped", False):
+        for i, layer in enumerate(cache.layers):
+            cache.layers[i] = grouped(layer, group_size, room)
+        return
+    cache.batch_repeat_interleave(group_size)
     for i, layer in enumerate(cache.layers):
         if type(layer) is dynamic and layer.is_initialized:
             cache.layers[i] = reserved(layer, room)
+
+
+def group_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention that reads a group's shared prompt once per prompt, not once per sample: with G samples of each
+    prompt, the decoded token of all G (and the heads sharing a key head) meets the prompt's keys in one matmul;
+    each sample's own keys (the tokens it decoded) are attended to apart, and one softmax runs over both. The same
+    numbers as SDPA over the repeated cache, in fp32 (on this CPU SDPA in bf16 spends 0.9 ms a layer of a decoded
+    token at G=8, this 0.2 ms). Anything else (prefill, a cache without a GroupLayer) goes to SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    prompt = getattr(key, "prompt", None)
+    if prompt is None or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    kp, vp, G = prompt
+    N, H, _, D = query.shape
+    B, Hk, L, _ = kp.shape
+    r = H // Hk  # query heads per key head
+    q = query.float().view(B, G, Hk, r, D) * (scaling or D ** -0.5)
+    qp = q.transpose(1, 2).reshape(B, Hk, G * r, D)                       # a prompt's queries, all samples
+    sp = (qp @ kp.transpose(-1, -2)).view(B, Hk, G, r, L).transpose(1, 2).reshape(N, Hk, r, L)
+    ss = q.view(N, Hk, r, D) @ key.transpose(-1, -2)               # (N, Hk, r, T): the samples' own
+    s = torch.cat([sp, ss], -1)
+    if attention_mask is not None:  # (N, 1, 1, L + T), bool or additive
+        s = s.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else s + attention_mask
+    p = s.softmax(-1)
+    pp = p[..., :L].reshape(B, G, Hk, r, L).transpose(1, 2).reshape(B, Hk, G * r, L)
+    out = (pp @ vp).view(B, Hk, G, r, D).transpose(1, 2).reshape(N, Hk, r, D) + p[..., L:] @ value
+    return out.to(query.dtype).reshape(N, 1, H, D), None
+
+
+def use_group_attention(model):
+    """Let `model` (a transformers causal LM) decode groups with `group_attention` (the rollout engine's copy)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("grouped", group_attention)
+    AttentionMaskInterface.register("grouped", sdpa_mask)
+    model.set_attn_implementation("grouped")
 
 
 @torch.no_grad()
@@ -290,8 +372,8 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     device = next(model.parameters()).device
     out, attn, pos = prefill(model, prompts, pad_id, vision)
     cache = out.past_key_values
-    cache.batch_repeat_interleave(group_size)  # (B, ...) -> (B*G, ...): prompt i's cache for its G samples
-    reserve(cache, max_new_tokens)
+    cache.grouped = getattr(model.config, "_attn_implementation", None) == "grouped"
+    reserve(cache, max_new_tokens, group_size)  # prompt i's cache for its G samples
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (B*G, V)
     attn = attn.repeat_interleave(group_size, 0)
     pos = pos[..., -1:].repeat_interleave(group_size, -2)  # (N, 1) or (3, N, 1): after the image, all text
@@ -303,8 +385,10 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
         keep[torch.tensor(sorted(set(allowed) | set(stop.tolist())), device=device)] = True
     for _ in range(max_new_tokens):
-        logits = logits.float()
-        full = logits / (temperature or 1.0)  # the distribution the log-probs report
+        full = logits.float()  # the distribution the log-probs report: logits / temperature (1 for greedy)
+        if temperature and temperature != 1.0:
+            full = full / temperature
+        logits = full
         if allowed is not None:
             logits = logits.masked_fill(~keep, float("-inf"))
         if grammar is not None:
@@ -312,7 +396,7 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
         if temperature == 0:
             tok = logits.argmax(-1)
         else:
-            probs = top_p_filter(F.softmax(logits / temperature, -1), top_p)  # masked entries stay 0
+            probs = top_p_filter(F.softmax(logits, -1), top_p)  # masked entries stay 0
             tok = draw(probs, generator)
         tok = tok.masked_fill(done, pad_id)
         toks.append(tok)
@@ -356,7 +440,7 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
             rest = model.get_input_embeddings()(ids_in)
             inputs = {"inputs_embeds": torch.cat([p_in["inputs_embeds"].repeat_interleave(G, 0), rest], 1)}
         logits = model(**inputs, attention_mask=attn, position_ids=torch.cat([p_pos.repeat_interleave(G, -2), pos], -1),
-                       logits_to_keep=T + 1).logits[:, :-1]
+                       logits_to_keep=last(T + 1, attn.shape[1], attn.device)).logits[:, :-1]
     else:
         cache = out.past_key_values
         cache.batch_repeat_interleave(G)

@@ -21,6 +21,39 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero():
     assert (toks[:, 1] == 3).all()
     a, b = (draw(probs, torch.Generator().manual_seed(1)) for _ in range(2))
     assert torch.equal(a, b)  # a seed replays
+    wide = torch.zeros(20000, 1000)  # across draw's blocks of 256 tokens, the last one short
+    wide[:, [5, 255, 256, 999]] = torch.tensor([0.2, 0.3, 0.1, 0.4])
+    share = torch.bincount(draw(wide, torch.Generator().manual_seed(2)), minlength=1000) / 20000
+    assert torch.allclose(share[[5, 255, 256, 999]], torch.tensor([0.2, 0.3, 0.1, 0.4]), atol=0.01)
+    assert share.sum() == 1 and share[[5, 255, 256, 999]].sum() == 1
+
+
+def test_packed_linear_computes_what_f_linear_computes():
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.bfloat16, 0.0), (torch.float32, 1e-4)):
+        w, b = torch.randn(96, 64, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+        for shape in ((1, 64), (32, 1, 64), (3, 7, 64)):
+            x = torch.randn(shape, generator=g).to(dtype)
+            for bias in (None, b):
+                assert (engine.Packed(w, bias)(x) - F.linear(x, w, bias)).abs().max() <= tol
+
+
+def test_group_attention_samples_what_sdpa_over_the_repeated_cache_samples(tiny, tiny_dir):
+    """The copy's grouped decoding (each prompt's keys once per group) against SDPA over the cache repeated G times:
+    prompts of different lengths (left padding), G=4, sampled at temperature 1 from one seed."""
+    from rollout import build_prompt, sample_group, stop_ids
+    copy = Merged(tiny_dir, torch.float32)
+    assert copy.model.config._attn_implementation == "grouped"
+    prompts = [build_prompt(tiny.tok, r) for r in ("blur the background", "make her coat scarlet and rotate it")]
+    assert len(set(map(len, prompts))) == 2
+    rolls = []
+    for impl in ("grouped", "sdpa"):
+        copy.model.set_attn_implementation(impl)
+        rolls.append(sample_group(copy.model, prompts, 4, 20, stop_ids(tiny.tok), tiny.tok.pad_token_id,
+                                  generator=torch.Generator().manual_seed(0)))
+    grouped, sdpa = rolls
+    assert grouped.ids.shape == (8, 20) and torch.equal(grouped.ids, sdpa.ids)
+    assert (grouped.logp - sdpa.logp).abs().max() < 1e-4  # fp32 sums in another order
 
 
 def test_token_logp_is_the_log_softmax_at_the_ids():
