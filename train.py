@@ -44,13 +44,20 @@ lr, ...) may differ from config.json.
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
+# oneDNN, and PyTorch's layer over it, keep the compiled kernels of every matrix shape they meet, without bound; the
+# update meets new shapes every step (each step's completions have their own length), and a cpu run grew by 15-40 MB
+# a step. Bounded, they hold what a step uses. Read when torch first runs a oneDNN kernel.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+
+import torch  # noqa: E402
 
 import config
 import memory
