@@ -42,6 +42,7 @@ class Config:
     sft_n: int = 100                     # labelled requests for the cold start, at most 10% of train_n
     sft_steps: int = 20                  # optimizer steps of the cold start (0: none)
     sft_batch: int = 8                   # requests per cold-start step
+    sft_micro: int = 4                   # requests per cold-start backward pass (gradient accumulation over the rest)
     sft_lr: float = 3e-4                 # cold-start learning rate
     # GRPO
     steps: int = 25                      # GRPO steps
@@ -209,7 +210,7 @@ def validate(cfg):
     def number(v):
         return type(v) in (int, float) and math.isfinite(v)
 
-    for k in ("lora_r", "lora_alpha", "train_n", "sft_batch", "steps", "batch_prompts", "max_new_tokens",
+    for k in ("lora_r", "lora_alpha", "train_n", "sft_batch", "sft_micro", "steps", "batch_prompts", "max_new_tokens",
               "micro_groups", "max_bad_steps", "eval_n", "eval_batch", "eval_every", "save_every"):
         need(k, getattr(cfg, k) >= 1, "an int >= 1")
     for k in ("seed", "sft_n", "sft_steps", "warmup", "resample"):

@@ -142,31 +142,40 @@ def load_policy(cfg, device, dtype, adapter=None):
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, adapter=adapter,
                 lora_targets=cfg.lora_targets, device=device, dtype=dtype)
     if cfg.preset not in VLM_PRESETS:  # unquantized: the NF4 numbers stored in full precision
-        return load_planner(cfg.preset, dequantized=not cfg.quantize, **lora)
+        planner = load_planner(cfg.preset, dequantized=not cfg.quantize, **lora)
+        rollout.use_group_attention(planner.model)  # the sampler's prompt keys once per group, as the merged copy's
+        return planner
     name = cfg.planner or str(vlm.tiny_folder(cache_dir() / "tiny-qwen2.5-vl"))
     return vlm.load(name, max_pixels=cfg.max_pixels, quantize=cfg.quantize, **lora)
 
 
-def sft(planner, samples, cfg):
-    """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token)."""
+def sft(planner, samples, cfg, meter=None):
+    """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token), each step's
+    `sft_batch` requests in backward passes of `sft_micro` (the gradient accumulated; the memory of a pass grows with
+    its requests: 2.66 GB resident for 8 at once on the cpu preset). Measured as the meter's "cold start" phase."""
     tok, policy = planner.tok, planner.policy
     end, rng = tok.convert_tokens_to_ids("<|im_end|>"), random.Random(cfg.seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.sft_lr)
     policy.train()
     for step in range(cfg.sft_steps):
         batch = rng.sample(samples, min(cfg.sft_batch, len(samples)))
-        prompts, vision = make_prompts(planner, batch, cfg)
         targets = [tok(format_plan(s["action"], s["subject"], s["goal"]), add_special_tokens=False)["input_ids"]
                    + [end] for s in batch]
-        T = max(len(t) for t in targets)
-        ids = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in targets], device=policy.device)
-        mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets], device=policy.device)
-        loss = -rollout.completion_logp(policy, prompts, ids, mask, tok.pad_token_id, vision=vision).sum() / mask.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        print(f"sft {step + 1}/{cfg.sft_steps} | loss {loss.item():.3f}")
+        tokens, total = sum(map(len, targets)), 0.0
+        with meter.phase("cold start") if meter else contextlib.nullcontext():
+            for i in range(0, len(batch), cfg.sft_micro):
+                part = targets[i:i + cfg.sft_micro]
+                prompts, vision = make_prompts(planner, batch[i:i + cfg.sft_micro], cfg)
+                T = max(len(t) for t in part)
+                ids = torch.tensor([t + [tok.pad_token_id] * (T - len(t)) for t in part], device=policy.device)
+                mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in part], device=policy.device)
+                loss = -rollout.completion_logp(policy, prompts, ids, mask, tok.pad_token_id, vision=vision).sum()
+                (loss / tokens).backward()  # the mean over all the step's tokens, as one pass would take it
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        print(f"sft {step + 1}/{cfg.sft_steps} | loss {total / tokens:.3f}")
 
 
 def plot(out, history):
@@ -406,7 +415,7 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
     policy, tok, history = planner.policy, planner.tok, []
     evaluate_now = lambda phase, step: heldout(planner, test, cfg, meter, out, history, phase, step)  # noqa: E731
     start = resume(out, policy, opt, sched, cfg, history) if cfg.resume else cold_start(
-        planner, train_set, cfg, out, opt, sched, evaluate_now)
+        planner, train_set, cfg, out, opt, sched, evaluate_now, meter)
     engine, why = choose_engine(cfg, planner, device)
     print(f"rollout engine: {'merged' if engine else 'policy'} ({why})")
     sampler = engine.model if engine else policy
@@ -458,12 +467,12 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
     return history
 
 
-def cold_start(planner, train_set, cfg, out, opt, sched, evaluate_now):
+def cold_start(planner, train_set, cfg, out, opt, sched, evaluate_now, meter=None):
     """A fresh run's start: the zero-shot score, the supervised cold start and its score, its adapter saved for
     eval.py (the untrained team's planner), and the step-0 checkpoint. Returns the step to start at, 0."""
     evaluate_now("eval zero-shot", 0)
     if cfg.sft_steps:
-        sft(planner, train_set[:cfg.sft_n], cfg)
+        sft(planner, train_set[:cfg.sft_n], cfg, meter)
         evaluate_now("eval cold start", 0)
         planner.policy.save_pretrained(out / "cold_start")
     save_checkpoint(out, planner.policy, opt, sched, 0)

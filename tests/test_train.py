@@ -590,3 +590,28 @@ def test_micro_batches_give_the_update_of_one_batch(tiny_dir, checkpointing):
     assert loss1 == pytest.approx(loss4, abs=1e-5)  # (the logged KL is a mean of micro-batch means: not compared)
     assert norm1 == pytest.approx(norm4, rel=1e-4)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w1, w4))
+
+
+def test_cold_start_in_micro_batches_makes_the_update_of_one_batch(tiny_dir, monkeypatch):
+    """sft in backward passes of one request (gradient accumulated) ends with the adapter of one pass over all. With
+    SGD: Adam's first steps are about lr * sign(gradient), which turns rounding noise on near-zero gradients into
+    whole steps."""
+    from planner import load_planner
+    from train import sft
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr: torch.optim.SGD(params, lr=lr))
+    done = []
+    for micro in (1, 4):
+        torch.manual_seed(0)
+        p = load_planner("tiny", folder=tiny_dir)
+        for name, w in p.policy.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(w, std=0.1)  # a live adapter: the update moves both LoRA matrices
+        from phrasings import make_split
+        samples = make_split("train", 4, seed=0)
+        cfg = parse_args(["--preset=tiny", "--sft_steps=2", "--sft_batch=4", f"--sft_micro={micro}", "--sft_n=4",
+                          "--sft_lr=0.1"])
+        init = [q.detach().clone() for q in p.policy.parameters() if q.requires_grad]
+        sft(p, samples, cfg)
+        done.append([q.detach().clone() for q in p.policy.parameters() if q.requires_grad])
+    assert all((a - b).abs().max() > 0 for a, b in zip(init, done[1]))  # every LoRA matrix moved
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*done))
