@@ -329,13 +329,14 @@ def group_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     prompt, the decoded token of all G (and the heads sharing a key head) meets the prompt's keys in one matmul;
     each sample's own keys (the tokens it decoded) are attended to apart, and one softmax runs over both. The same
     numbers as SDPA over the repeated cache, in fp32 (on this CPU SDPA in bf16 spends 0.9 ms a layer of a decoded
-    token at G=8, this 0.2 ms). Anything else (prefill, the update's forward pass) goes to SDPA, with a padding mask
+    token at G=8, this 0.2 ms). Anything else goes to SDPA; prompts and the update's forward pass with a padding mask
     in its grouped-query form (transformers repeats the key heads there: on the cpu preset's update 2.3x the keys
     kept for the backward, and slower)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     prompt = getattr(key, "prompt", None)
     if prompt is None or query.shape[2] != 1:
-        if attention_mask is None or attention_mask.dtype != torch.bool or dropout and module.training:
+        if query.shape[2] == 1 or attention_mask is None or attention_mask.dtype != torch.bool or \
+                dropout and module.training:  # (decoding one token without a group: transformers' way is faster)
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
                                              enable_gqa=key.shape[1] != query.shape[1])
