@@ -123,13 +123,16 @@ def step(*argv):
         mean = lambda k: statistics.mean(r.get(k, 0) for r in grpo)  # noqa: E731
         evals = [int(x) for x in re.findall(r"held-out, (\d+)s\)", log.stdout)]
         sample, total = mean("sample_seconds"), mean("seconds")
+        mem = json.loads((out / "memory.json").read_text()) if (out / "memory.json").exists() else {}
         row = {"config": name, "step_s": total, "sample_s": sample, "reward_s": mean("reward_seconds"),
+               "meter_ms": 1e3 * mem.get("meter_seconds", 0) / len(grpo),  # the meter's own time, per step
                "update_s": total - sample - mean("reward_seconds"), "eval_s": evals[-1],
                "tokens_per_s": sum(r["tokens"] for r in grpo) / sum(r["sample_seconds"] for r in grpo),
                "peak_gb": max(r["peak_gb"] for r in grpo), "gap": mean("engine_gap"), "wall_s": time.time() - t}
         print(f"{name:>34} | {row['step_s']:6.1f} s/step = sample {sample:5.1f} + reward {row['reward_s']:4.2f} + "
               f"update {row['update_s']:5.1f} | eval {row['eval_s']:3d} s | {row['tokens_per_s']:6.1f} tok/s | "
-              f"peak {row['peak_gb']:.2f} GB | engine gap {row['gap']:.4f}", flush=True)
+              f"peak {row['peak_gb']:.2f} GB | engine gap {row['gap']:.4f} | meter {row['meter_ms']:.2f} ms/step",
+              flush=True)
         return row
 
     print(f"GRPO steps at the cpu defaults ({steps} steps per run, means; eval: one held-out pass of 20 requests)")

@@ -275,7 +275,7 @@ def report(meter, cfg, planner, out, prompt_len=None):
     rows = {"device": meter.device, "measured": measured, "seconds": {p: round(v, 1) for p, v in meter.seconds.items()}}
     if meter.kind == "rss":  # the resident set's peak over the whole run, phases and what ran between them
         meter.process_peak = max(meter.process_peak, peak_rss())
-        rows["process_peak"] = meter.process_peak
+        rows["process_peak"], rows["meter_seconds"] = meter.process_peak, round(meter.overhead, 4)
     if meter.reserved:  # on a GPU: what the allocator held, which is what must fit the card
         rows["reserved"] = dict(meter.reserved)
     if planner.processor is not None:  # the plan covers the VLM planner
@@ -349,6 +349,7 @@ class Meter:
         self.device, self.peaks, self.seconds, self.reserved = device, {}, {}, {}
         self.kind = "cuda" if torch.device(device).type == "cuda" and kind != "off" else kind
         self.interval, self.resets, self.process_peak = interval, True, 0
+        self.overhead = 0.0  # seconds the rss meter spent reading and resetting the kernel's counters
         if self.kind == "heap":
             self.base = live_tensor_bytes()  # what the process held before the meter: not the run's
             import ctypes
@@ -378,11 +379,13 @@ class Meter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind == "rss":
+            t = time.perf_counter()
             self.process_peak = max(self.process_peak, peak_rss())  # what ran since the last reset, phase or not
             try:  # "5" resets the peak resident set to the current one (Linux 4.0+)
                 Path("/proc/self/clear_refs").write_text("5")
             except OSError:
                 self.resets = False  # then each phase reports the process's peak so far
+            self.overhead += time.perf_counter() - t
         elif self.kind == "heap":
             self._live, self._start = live_tensor_bytes(), self._heap()
             self._top, self._stop = self._start, threading.Event()
@@ -397,8 +400,10 @@ class Meter:
             self.reserved[self.current] = max(self.reserved.get(self.current, 0),
                                               torch.cuda.max_memory_reserved(self.device))
         elif self.kind == "rss":
+            t = time.perf_counter()
             peak = peak_rss()
             self.process_peak = max(self.process_peak, peak)
+            self.overhead += time.perf_counter() - t
         elif self.kind == "heap":
             self._stop.set()
             self._thread.join()
