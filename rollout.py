@@ -246,8 +246,9 @@ def prefill(model, prompts, pad_id, vision=None, min_shared=16):
 def last(k, length, device):
     """logits_to_keep for the last k of `length` positions, as indices: with the int k, transformers slices the
     hidden states to a view that is not contiguous, and torch then multiplies it by the output layer through a batched
-    matmul that first copies the whole output matrix once per row (no_grad on a CPU: 4 x 57 MB for SmolLM2's prefill
-    of 4 prompts; gpu24's update would copy its 1 GB matrix once per completion). Indices gather a contiguous copy."""
+    matmul that first copies the whole output matrix once per row (without gradients: 4 x 57 MB for SmolLM2's prefill
+    of 4 prompts; a no-grad pass of gpu24's checkpointed update would copy its 1 GB matrix once per completion).
+    Indices gather a contiguous copy."""
     return torch.arange(length - k, length, device=device)
 
 
@@ -330,7 +331,7 @@ def group_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     each sample's own keys (the tokens it decoded) are attended to apart, and one softmax runs over both. The same
     numbers as SDPA over the repeated cache, in fp32 (on this CPU SDPA in bf16 spends 0.9 ms a layer of a decoded
     token at G=8, this 0.2 ms). Anything else goes to SDPA; prompts and the update's forward pass with a padding mask
-    in its grouped-query form (transformers repeats the key heads there: on the cpu preset's update 2.3x the keys
+    in its grouped-query form (transformers repeats the key heads there: on the cpu preset's update twice the bytes
     kept for the backward, and slower)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     prompt = getattr(key, "prompt", None)
