@@ -31,7 +31,7 @@ class Merged:
         model = AutoModelForCausalLM.from_pretrained(dequantized_folder(folder), dtype=torch.float32)
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         use_group_attention(self.model)  # decoding reads each prompt's keys once per group, not once per sample
-        if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
+        if torch.device(device).type == "cpu" and packs():
             for name, m in list(model.named_modules()):
                 if type(m) is torch.nn.Linear:
                     model.set_submodule(name, Packed(m.weight, m.bias))  # the tied output layer gets its own
@@ -73,6 +73,15 @@ class Packed(torch.nn.Module):
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def packs():
+    """Whether this torch can keep weights in oneDNN's layout (private operators: a build without them, or a later
+    torch that drops them, leaves the copy's Linear layers plain)."""
+    try:
+        return torch.backends.mkldnn.is_available() and Packed(torch.ones(2, 2))(torch.ones(1, 2)).shape == (1, 2)
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def base_weight(layer):

@@ -44,6 +44,7 @@ def test_group_attention_samples_what_sdpa_over_the_repeated_cache_samples(tiny,
     from rollout import build_prompt, sample_group, stop_ids
     copy = Merged(tiny_dir, torch.float32)
     assert copy.model.config._attn_implementation == "grouped"
+    assert isinstance(copy.model.lm_head, engine.Packed) == engine.packs()  # packed where this torch can
     prompts = [build_prompt(tiny.tok, r) for r in ("blur the background", "make her coat scarlet and rotate it")]
     assert len(set(map(len, prompts))) == 2
     rolls = []
