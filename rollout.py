@@ -310,14 +310,14 @@ def cache_layers():
     return DynamicLayer, ReservedLayer, GroupLayer
 
 
-def reserve(cache, room, group_size=1):
+def reserve(cache, room, group_size=1, grouped=False):
     """Make room in every layer of a DynamicCache of B prompts for `room` more tokens of `group_size` samples each,
-    in place: GroupLayers for a model whose attention is `group_attention` ("grouped"), else the prompts' cache
+    in place: GroupLayers when `grouped` (the model's attention is `group_attention`), else the prompts' cache
     repeated G times into ReservedLayers."""
-    dynamic, reserved, grouped = cache_layers()
-    if getattr(cache, "grouped", False) and group_size > 1:  # one sample a prompt (greedy plans): nothing to share
+    dynamic, reserved, group_layer = cache_layers()
+    if grouped and group_size > 1:  # one sample a prompt (greedy plans): nothing to share
         for i, layer in enumerate(cache.layers):
-            cache.layers[i] = grouped(layer, group_size, room)
+            cache.layers[i] = group_layer(layer, group_size, room)
         return
     cache.batch_repeat_interleave(group_size)
     for i, layer in enumerate(cache.layers):
@@ -380,8 +380,8 @@ def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, tempe
     device = next(model.parameters()).device
     out, attn, pos = prefill(model, prompts, pad_id, vision)
     cache = out.past_key_values
-    cache.grouped = getattr(model.config, "_attn_implementation", None) == "grouped"
-    reserve(cache, max_new_tokens, group_size)  # prompt i's cache for its G samples
+    reserve(cache, max_new_tokens, group_size,  # prompt i's cache for its G samples
+            grouped=getattr(model.config, "_attn_implementation", None) == "grouped")
     logits = out.logits[:, -1].repeat_interleave(group_size, 0)  # (B*G, V)
     attn = attn.repeat_interleave(group_size, 0)
     pos = pos[..., -1:].repeat_interleave(group_size, -2)  # (N, 1) or (3, N, 1): after the image, all text

@@ -596,6 +596,7 @@ def test_cold_start_in_micro_batches_makes_the_update_of_one_batch(tiny_dir, mon
     """sft in backward passes of one request (gradient accumulated) ends with the adapter of one pass over all. With
     SGD: Adam's first steps are about lr * sign(gradient), which turns rounding noise on near-zero gradients into
     whole steps."""
+    from phrasings import make_split
     from planner import load_planner
     from train import sft
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr: torch.optim.SGD(params, lr=lr))
@@ -606,7 +607,6 @@ def test_cold_start_in_micro_batches_makes_the_update_of_one_batch(tiny_dir, mon
         for name, w in p.policy.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(w, std=0.1)  # a live adapter: the update moves both LoRA matrices
-        from phrasings import make_split
         samples = make_split("train", 4, seed=0)
         cfg = parse_args(["--preset=tiny", "--sft_steps=2", "--sft_batch=4", f"--sft_micro={micro}", "--sft_n=4",
                           "--sft_lr=0.1"])
