@@ -10,6 +10,8 @@ Benchmarks.
     python bench.py edit [ADAPTER]       # edit.py on a 512x512 photo: cold (empty cache), then 5 warm runs
     python bench.py sequencer            # the zero-shot sequencing model against the rule order, 40 plans
     python bench.py outcome [ADAPTER]    # the outcome reward: a group of 8 sampled plans scored, with/without cache
+    python bench.py coldstart --sft_n=2000 --sft_steps=100 [--key=value ...] [--system=FILE]
+                                         # a supervised cold start alone, past the 10% rule, then the held-out scores
 
 sampler: group sampling speed of Hugging Face `generate(num_return_sequences=G)` on the policy (NF4 + LoRA), our
 KV-cached sampler on the policy, and our sampler on the merged rollout engine (engine.py), side by side on the same
@@ -184,6 +186,32 @@ def seeds(*run_dirs):
     print(f"| mean ± std | | | {statistics.mean(gains):+.3f} ± {statistics.stdev(gains):.3f} |")
 
 
+def coldstart(*argv):
+    """How much a supervised start alone learns: train.sft on the first sft_n train requests (past train.py's limit
+    of 10% of train_n: this measures capacity, it is not a training recipe), then the held-out scores. --key=value are
+    Config fields; --system=FILE replaces the planner's system prompt with a file's text."""
+    import rollout
+    import train
+    argv = list(argv)
+    for a in [a for a in argv if a.startswith("--system=")]:
+        argv.remove(a)
+        rollout.build_prompt.__defaults__ = (None, Path(a.split("=", 1)[1]).read_text().strip())
+    cfg = train.parse_args([a for a in argv if not a.startswith("--sft_n=")])
+    n = next((int(a.split("=")[1]) for a in argv if a.startswith("--sft_n=")), cfg.sft_n)
+    cfg.train_n = max(cfg.train_n, n)
+    torch.manual_seed(cfg.seed)
+    test = load_requests("", "test", cfg.eval_n, seed=0)
+    requests = load_requests("", "train", cfg.train_n, seed=cfg.seed)[:n]
+    describe_requests(test + requests)
+    device, dtype, _ = memory.pick_device(cfg.device, cfg.dtype)
+    planner, t0 = train.load_policy(cfg, device, dtype), time.time()
+    train.sft(planner, requests, cfg)
+    scores, _ = train.evaluate(planner, test, cfg)
+    print(f"cold start on {n} requests, {cfg.sft_steps} steps of {cfg.sft_batch} in {time.time() - t0:.0f}s: "
+          + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+    return scores
+
+
 def edit(adapter=None, request="make his face brighter and blur the background strongly"):
     """Run edit.py as a user does on the 512x512 astronaut: first with an empty cache folder (the GGUF conversion
     and the dequantized copy are built), then 5 times more (warm: only imports, loads and the work)."""
@@ -283,6 +311,9 @@ if __name__ == "__main__":
         sys.exit(edit(*sys.argv[2:]))
     if sys.argv[1:2] == ["sequencer"]:
         sys.exit(sequencer())
+    if sys.argv[1:2] == ["coldstart"]:
+        coldstart(*sys.argv[2:])
+        sys.exit()
     if sys.argv[1:2] == ["seeds"]:
         sys.exit(seeds(*sys.argv[2:]))
     kw = dict(a[2:].split("=", 1) for a in sys.argv[1:])

@@ -12,22 +12,23 @@ Train the decomposition agent (the planner) with GRPO, on one machine.
     python train.py --preset=tiny_vl --steps=2       # gpu24's code on a random tiny Qwen2.5-VL, on any machine
 
 One run: score the base model zero-shot on the held-out split, a short supervised cold start (`sft_steps`, on at
-most 10% of the train split, only so a small model learns the tag format), score again, then GRPO:
+most 10% of the train split: the tag format and a first reading of requests), score again, then GRPO:
 
     for each step: B prompts -> G completions each (KV-cached sampler) -> rewards for all B*G in one call (the
     paper's format + F1, --reward=edits F1 over whole edits, or with --reward=outcome|both the plans run by the
     agents and the edited images scored) -> advantages normalised within each group (groups with equal rewards
     carry no signal: dynamic sampling draws fresh prompts for them, up to `resample` rounds) -> per-token clipped
-    surrogate + beta * k3 KL to the reference -> backward in micro-batches -> clip -> step
+    surrogate (+ beta * k3 KL to the reference, off by default) -> backward in micro-batches -> clip -> step
 
 What is simplified compared with the paper: one policy update per batch, so the ratio is exp(logp - logp.detach())
 (1 in value, the policy gradient in its derivative) and the clip only matters for code that takes several updates;
 the loss averages tokens per sequence, then sequences (the paper's GRPO form, not Dr.GRPO); the cpu planner cannot
 see images, so its prompt carries the request and a one-line perception text of the image (`describe`, the same
-line edit.py gives it). The reference is the same 4-bit model with the LoRA adapter
-disabled, so no second copy of the weights; note that this is the base model *before* the cold start, which does not
-write the tags at all, so the KL (about 1 nat per token from the first step) is a weak pull away from the format and
-`beta` is kept small. The cold start's adapter is the one GRPO goes on training.
+line edit.py gives it). No KL term by default (`beta=0`, as in DAPO): the reference would be
+the same 4-bit model with the LoRA adapter disabled (no second copy of the weights), which is the base model *before*
+the cold start; it does not write the tags at all, so its KL (1-3 nats per token from the first step, spikes of 8-20)
+pulls away from what the cold start taught, and its pass costs a forward of every completion. The cold start's
+adapter is the one GRPO goes on training.
 With a VLM planner (gpu24, tiny_vl) the prompt carries the image itself (vlm.prompts) instead of the perception
 text, and `--reward=judge` scores each plan's edited image with the planner's base model (reward.Judge).
 Each phase's peak memory (vision or prompts, sample, update, eval, judge) is measured (memory.Meter: on a CPU the
@@ -275,9 +276,11 @@ def grpo_update(policy, params, opt, rounds, pad, cfg):
             rows = torch.tensor([b * G + g for b in gs for g in range(G)], device=roll.ids.device)
             ids, mask = roll.ids[rows], roll.mask[rows]
             sub, vis = [part.prompts[b] for b in gs], part.vision and part.vision.subset(gs)
-            with torch.no_grad(), policy.disable_adapter():
-                ref_logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
             logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
+            ref_logp = logp.detach()  # beta = 0: no KL term, and no reference pass to pay for
+            if cfg.beta:
+                with torch.no_grad(), policy.disable_adapter():
+                    ref_logp = rollout.completion_logp(policy, sub, ids, mask, pad, G, vis, cfg.temperature)
             loss, kl = grpo_loss(logp, logp.detach(), ref_logp, part.adv.view(-1)[rows], mask, cfg.clip, cfg.beta)
             gap += ((logp.detach() - roll.logp[rows]).abs() * mask).sum().item()
             tokens += mask.sum().item()

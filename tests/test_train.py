@@ -114,7 +114,8 @@ def test_help_lists_every_field_with_its_default_and_comment(flag, capsys):
     assert re.search(r"\n  --group_size=8 +G completions per prompt\n", out)  # Config's defaults, not the preset's
     assert re.search(r"\n  --lr=0.0003 +GRPO learning rate \(the paper's 1e-6 is for full 7B weights", out)
     assert re.search(r"\n +editor reads \(rollouts, evaluation and edit.py alike\)\n", out)  # a comment's 2nd line
-    assert "\n# supervised cold start (format only)\n" in out and "python train.py --preset=tiny --steps=4" in out
+    assert "\n# supervised cold start (the tag format and a first reading of requests, on a small labelled share)\n" \
+        in out and "python train.py --preset=tiny --steps=4" in out
 
 
 def test_evaluate_scores_heldout(tiny):
@@ -557,39 +558,60 @@ def test_prompts_carry_the_perception_text(tiny, monkeypatch):
     assert "Image: 512px scene\nRequest: blur it" in tiny.tok.decode(prompts[0])
 
 
+def update_of_four_groups(tiny_dir, *args, checkpointing=False, policy_hook=None):
+    """A GRPO update of a tiny planner with a live random adapter on 4 prompts x 3 completions and random rewards,
+    with SGD at lr 1; args: --key=value over the tiny preset. Returns (loss, grad norm, the LoRA weights after)."""
+    from planner import load_planner
+    from rollout import build_prompt, sample_group, stop_ids
+    from train import Groups, grpo_update
+    torch.manual_seed(0)  # the same LoRA A (drawn at load) and B each time
+    p = load_planner("tiny", folder=tiny_dir)
+    for name, w in p.policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(w, std=0.1)  # a live adapter: the update moves both LoRA matrices
+    if checkpointing:
+        p.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if policy_hook:
+        policy_hook(p.policy)
+    pad, params = p.tok.pad_token_id, [q for q in p.policy.parameters() if q.requires_grad]
+    prompts = [build_prompt(p.tok, r) for r in ("blur it", "make the cat red", "crop it to a square", "flip")]
+    roll = sample_group(p.policy, prompts, 3, 8, stop_ids(p.tok), pad, generator=torch.Generator().manual_seed(0))
+    rewards = torch.rand(12, generator=torch.Generator().manual_seed(1))
+    adv, signal = group_advantages(rewards.view(4, 3))
+    groups = Groups([{}] * 4, prompts, None, roll, rewards, {}, adv, signal.nonzero().flatten().tolist())
+    assert len(groups.keep) == 4
+    cfg = parse_args(["--preset=tiny", "--group_size=3", *args])
+    p.policy.train()
+    loss, kl, norm, gap, finite = grpo_update(p.policy, params, torch.optim.SGD(params, lr=1.0), [groups], pad, cfg)
+    return loss, norm, [q.detach().clone() for q in params]
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_micro_batches_give_the_update_of_one_batch(tiny_dir, checkpointing):
     """grpo_update in micro-batches of one group (the cpu preset's default: its update's peak memory is half of 4's)
     makes the same update as one batch of all groups, with the KV-cached prompts and with the full sequences of
     gradient checkpointing alike."""
-    from planner import load_planner
-    from rollout import build_prompt, sample_group, stop_ids
-    from train import Groups, grpo_update
-    done = []
-    for micro in (1, 4):
-        torch.manual_seed(0)  # the same LoRA A (drawn at load) and B each time
-        p = load_planner("tiny", folder=tiny_dir)
-        for name, w in p.policy.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(w, std=0.1)  # a live adapter: the update moves both LoRA matrices
-        if checkpointing:
-            p.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        pad, params = p.tok.pad_token_id, [q for q in p.policy.parameters() if q.requires_grad]
-        prompts = [build_prompt(p.tok, r) for r in ("blur it", "make the cat red", "crop it to a square", "flip")]
-        roll = sample_group(p.policy, prompts, 3, 8, stop_ids(p.tok), pad, generator=torch.Generator().manual_seed(0))
-        rewards = torch.rand(12, generator=torch.Generator().manual_seed(1))
-        adv, signal = group_advantages(rewards.view(4, 3))
-        groups = Groups([{}] * 4, prompts, None, roll, rewards, {}, adv, signal.nonzero().flatten().tolist())
-        cfg = parse_args(["--preset=tiny", f"--micro_groups={micro}", "--group_size=3"])
-        p.policy.train()
-        loss, kl, norm, gap, finite = grpo_update(p.policy, params, torch.optim.SGD(params, lr=1.0), [groups], pad,
-                                                  cfg)
-        done.append((loss, norm, [q.detach().clone() for q in params]))
-    (loss1, norm1, w1), (loss4, norm4, w4) = done
-    assert len(groups.keep) == 4 and norm1 > 0
+    (loss1, norm1, w1), (loss4, norm4, w4) = (
+        update_of_four_groups(tiny_dir, f"--micro_groups={m}", "--beta=0.02", checkpointing=checkpointing)
+        for m in (1, 4))
+    assert norm1 > 0
     assert loss1 == pytest.approx(loss4, abs=1e-5)  # (the logged KL is a mean of micro-batch means: not compared)
     assert norm1 == pytest.approx(norm4, rel=1e-4)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(w1, w4))
+
+
+def test_without_kl_the_update_runs_no_reference_pass(tiny_dir):
+    """beta=0 (the default) skips the reference pass (the adapter switched off) that only the KL term reads; with
+    beta > 0 it runs once per micro-batch and the KL term changes the update."""
+    entered = []
+
+    def count(policy):
+        off = policy.disable_adapter
+        policy.disable_adapter = lambda: entered.append(1) or off()
+    runs = {beta: update_of_four_groups(tiny_dir, f"--beta={beta}", "--micro_groups=2", policy_hook=count)
+            for beta in (0.0, 0.5)}
+    assert len(entered) == 2  # beta=0.5: one reference pass for each of the 2 micro-batches; beta=0: none
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(runs[0.0][2], runs[0.5][2]))
 
 
 def test_cold_start_in_micro_batches_makes_the_update_of_one_batch(tiny_dir, monkeypatch):
