@@ -65,8 +65,8 @@ class Config:
     beta: float = 0.0                    # weight of the k3 KL penalty to the reference, the base model with the
                                          # adapter off (before the cold start); 0: no KL term and no reference pass
     clip: float = 0.2                    # PPO clip range of the ratio
-    micro_groups: int = 1                # groups per backward pass (gradient accumulation over the rest); the cpu
-                                         # preset's update peaks at 2.6 GB resident with 1 (2: 3.4 GB, 4: 5 GB)
+    micro_groups: int = 1                # groups per backward pass (gradient accumulation over the rest); 1 keeps
+                                         # the cpu preset's update near 3 GB resident (2: ~0.9 GB more, 4: ~2.5 GB)
     grad_clip: float = 1.0               # max gradient norm
     grad_checkpointing: bool = False     # recompute activations in backward (saves memory on long sequences)
     max_bad_steps: int = 3               # stop after this many non-finite losses in a row

@@ -23,12 +23,12 @@ most 10% of the train split: the tag format and a first reading of requests), sc
 What is simplified compared with the paper: one policy update per batch, so the ratio is exp(logp - logp.detach())
 (1 in value, the policy gradient in its derivative) and the clip only matters for code that takes several updates;
 the loss averages tokens per sequence, then sequences (the paper's GRPO form, not Dr.GRPO); the cpu planner cannot
-see images, so its prompt carries the request and a one-line perception text of the image (`describe`, the same
-line edit.py gives it). No KL term by default (`beta=0`, as in DAPO): the reference would be
-the same 4-bit model with the LoRA adapter disabled (no second copy of the weights), which is the base model *before*
-the cold start; it does not write the tags at all, so its KL (1-3 nats per token from the first step, spikes of 8-20)
-pulls away from what the cold start taught, and its pass costs a forward of every completion. The cold start's
-adapter is the one GRPO goes on training.
+see images, so its prompt carries the request and a one-line perception text of the image (`describe`, the same line
+edit.py gives it). No KL term by default (`beta=0`, as in DAPO): the reference would be the same 4-bit model with
+the LoRA adapter disabled (no second copy of the weights), which is the base model *before* the cold start; it does
+not write the tags at all, so its KL (1-3 nats per token from the first step, spikes of 8-20) pulls away from what
+the cold start taught, and its pass costs a forward of every completion. The cold start's adapter is the one GRPO
+goes on training.
 With a VLM planner (gpu24, tiny_vl) the prompt carries the image itself (vlm.prompts) instead of the perception
 text, and `--reward=judge` scores each plan's edited image with the planner's base model (reward.Judge).
 Each phase's peak memory (vision or prompts, sample, update, eval, judge) is measured (memory.Meter: on a CPU the
