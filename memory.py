@@ -379,18 +379,25 @@ class Meter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind == "rss":
-            t = time.perf_counter()
-            self.process_peak = max(self.process_peak, peak_rss())  # what ran since the last reset, phase or not
-            try:  # "5" resets the peak resident set to the current one (Linux 4.0+)
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                self.resets = False  # then each phase reports the process's peak so far
-            self.overhead += time.perf_counter() - t
+            self._rss(reset=True)  # what ran since the last reset, phase or not, goes to process_peak
         elif self.kind == "heap":
             self._live, self._start = live_tensor_bytes(), self._heap()
             self._top, self._stop = self._start, threading.Event()
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
+
+    def _rss(self, reset):
+        """The kernel's peak resident set since its last reset, folded into process_peak; then, with `reset`, reset
+        it to the current set ("5" to clear_refs, Linux 4.0+). The time it takes goes to `overhead`."""
+        t, peak = time.perf_counter(), peak_rss()
+        self.process_peak = max(self.process_peak, peak)
+        if reset:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.resets = False  # then each phase reports the process's peak so far
+        self.overhead += time.perf_counter() - t
+        return peak
 
     def end(self):
         peak = 0
@@ -400,10 +407,7 @@ class Meter:
             self.reserved[self.current] = max(self.reserved.get(self.current, 0),
                                               torch.cuda.max_memory_reserved(self.device))
         elif self.kind == "rss":
-            t = time.perf_counter()
-            peak = peak_rss()
-            self.process_peak = max(self.process_peak, peak)
-            self.overhead += time.perf_counter() - t
+            peak = self._rss(reset=False)
         elif self.kind == "heap":
             self._stop.set()
             self._thread.join()
