@@ -85,6 +85,8 @@ def pick_device(name="auto", dtype="auto"):
     cuda = torch.device(name).type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit(f"error: device {name!r} asked for, but this machine has no CUDA GPU")
+    if cuda:  # cuDNN's attention backward returns NaN for a query row masked entirely (a left-padded prompt's pads):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # seen on an H200 (torch 2.11); the other SDPA kernels are fine
     return name, compute_dtype(name, dtype), why
 
 

@@ -158,6 +158,7 @@ def sft(planner, samples, cfg, meter=None):
     end, rng = tok.convert_tokens_to_ids("<|im_end|>"), random.Random(cfg.seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.sft_lr)
     policy.train()
+    bad = 0
     for step in range(cfg.sft_steps):
         batch = rng.sample(samples, min(cfg.sft_batch, len(samples)))
         targets = [tok(format_plan(s["action"], s["subject"], s["goal"]), add_special_tokens=False)["input_ids"]
@@ -173,10 +174,17 @@ def sft(planner, samples, cfg, meter=None):
                 loss = -rollout.completion_logp(policy, prompts, ids, mask, tok.pad_token_id, vision=vision).sum()
                 (loss / tokens).backward()  # the mean over all the step's tokens, as one pass would take it
                 total += loss.item()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            opt.step()
+            norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+            finite = math.isfinite(total) and math.isfinite(norm)
+            if finite:  # a NaN or inf gradient never reaches the weights
+                opt.step()
             opt.zero_grad(set_to_none=True)
-        print(f"sft {step + 1}/{cfg.sft_steps} | loss {total / tokens:.3f}")
+        bad = 0 if finite else bad + 1
+        print(f"sft {step + 1}/{cfg.sft_steps} | loss {total / tokens:.3f}" + ("" if finite else
+              f" | non-finite {'loss' if not math.isfinite(total) else f'gradient norm ({norm})'}, step skipped"))
+        if bad >= cfg.max_bad_steps:
+            raise SystemExit(f"error: cold start: non-finite loss or gradient {bad} steps in a row; lower sft_lr (now "
+                             f"{cfg.sft_lr}) or check the data")
 
 
 def plot(out, history):

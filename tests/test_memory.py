@@ -112,3 +112,18 @@ def test_a_numbered_cuda_device_is_planned_as_cuda():
     config = memory.planner_config(memory.QWEN_7B)
     cuda0, cuda, cpu = (memory.estimate(cfg, config, 400, d)["parts"] for d in ("cuda:0", "cuda", "cpu"))
     assert cuda0 == cuda != cpu
+
+
+def test_choosing_a_gpu_turns_off_cudnn_attention(monkeypatch):
+    """cuDNN's attention backward gives NaN gradients for a fully masked query row (left padding): seen on an H200 in
+    tiny_vl's cold start. Choosing a CUDA device turns that kernel off for the run; a CPU run leaves it alone."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert memory.pick_device("cpu", "float32") == ("cpu", torch.float32, "asked for")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert memory.pick_device("cuda", "float32")[:2] == ("cuda", torch.float32)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

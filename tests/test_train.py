@@ -451,13 +451,29 @@ def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, m: real_clip(params, m) * float("inf"))
     threads = threading.active_count()
     with pytest.raises(SystemExit, match="non-finite gradient norm \\(inf\\) 2 steps in a row"):
-        run(tmp_path, monkeypatch, "inf", "--steps=3", "--max_bad_steps=2", "--save_every=1", planners=loaded)
+        run(tmp_path, monkeypatch, "inf", "--steps=3", "--max_bad_steps=2", "--save_every=1", "--sft_steps=0",
+            planners=loaded)
     assert threading.active_count() == threads  # no sampling thread left behind
     rows = [json.loads(x) for x in (tmp_path / "inf" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in rows if r["phase"] == "grpo"]  # no step was taken, none logged as one
     state = torch.load(tmp_path / "inf" / "state.pt", weights_only=True)  # after the cold start, before GRPO
     now = {k: v for k, v in loaded[0].policy.state_dict().items() if "lora_" in k}
     assert state["step"] == 0 and all(torch.equal(state["lora"][k], v) for k, v in now.items())
+
+
+def test_non_finite_gradient_in_the_cold_start_skips_the_step(tmp_path, monkeypatch, capsys):
+    """The cold start is guarded as GRPO is: a step whose gradient norm is not finite leaves the weights as they were
+    (peft's fresh lora_B is zero; any optimizer step moves it), and max_bad_steps in a row stop the run."""
+    import train
+    planners, real_sft, real_clip = [], train.sft, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(train, "sft", lambda planner, *a, **k: (planners.append(planner), real_sft(planner, *a, **k)))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, m: real_clip(params, m) * float("inf"))
+    with pytest.raises(SystemExit, match="cold start: non-finite loss or gradient 2 steps in a row; lower sft_lr"):
+        run(tmp_path, monkeypatch, "sft", "--sft_steps=3", "--max_bad_steps=2")
+    out = capsys.readouterr().out
+    assert out.count("non-finite gradient norm (inf), step skipped") == 2 and "sft 3/3" not in out
+    lora_b = [p for n, p in planners[0].policy.named_parameters() if "lora_B" in n]
+    assert lora_b and all(not p.any() for p in lora_b)
 
 
 def test_trains_on_a_dataset_folder(tmp_path, monkeypatch):
