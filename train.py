@@ -74,6 +74,7 @@ from phrasings import load_requests
 from plan import format_plan
 from planner import cache_dir, load_planner
 from regions import describe_requests
+from registry import unload as unload_agents
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -342,6 +343,7 @@ def prepare(cfg, out, settings, train_set, test):
     if cfg.describe:
         t0 = time.time()
         describe_requests(test + train_set)
+        unload_agents()  # ~0.23 GB resident; an outcome reward loads what it needs again
         print(f"perception text for {len({s.get('image_path') or s['image'] for s in train_set})} train images in "
               f"{time.time() - t0:.0f}s, e.g. {train_set[0]['description']!r}")
     out.mkdir(parents=True, exist_ok=True)

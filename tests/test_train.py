@@ -574,6 +574,18 @@ def test_prompts_carry_the_perception_text(tiny, monkeypatch):
     assert "Image: 512px scene\nRequest: blur it" in tiny.tok.decode(prompts[0])
 
 
+def test_the_perception_agents_are_unloaded_before_training(tmp_path, monkeypatch):
+    """The region agents write the perception text, then leave memory (~0.23 GB on the cpu preset) before the
+    planner trains: nothing of theirs is loaded when the cold start begins."""
+    import registry
+    import train
+    during, real_describe, real_cold = [], train.describe_requests, train.cold_start
+    monkeypatch.setattr(train, "describe_requests", lambda s: (real_describe(s), during.append(registry.loaded()))[0])
+    monkeypatch.setattr(train, "cold_start", lambda *a, **k: (during.append(registry.loaded()), real_cold(*a, **k))[1])
+    run(tmp_path, monkeypatch, "described", "--describe=True", "--steps=1")
+    assert during[0] and during[1] == []
+
+
 def update_of_four_groups(tiny_dir, *args, checkpointing=False, policy_hook=None):
     """A GRPO update of a tiny planner with a live random adapter on 4 prompts x 3 completions and random rewards,
     with SGD at lr 1; args: --key=value over the tiny preset. Returns (loss, grad norm, the LoRA weights after)."""
