@@ -12,7 +12,8 @@ Train the decomposition agent (the planner) with GRPO, on one machine.
     python train.py --preset=tiny_vl --steps=2       # gpu24's code on a random tiny Qwen2.5-VL, on any machine
 
 One run: score the base model zero-shot on the held-out split, a short supervised cold start (`sft_steps`, on at
-most 10% of the train split: the tag format and a first reading of requests), score again, then GRPO:
+most 10% of the train split: the tag format and a first reading of requests), score again, then GRPO (a text
+planner samples its rollouts and decodes its evaluations from a merged copy, engine.py):
 
     for each step: B prompts -> G completions each (KV-cached sampler) -> rewards for all B*G in one call (the
     paper's format + F1, --reward=edits F1 over whole edits, or with --reward=outcome|both the plans run by the
@@ -165,7 +166,8 @@ def load_policy(cfg, device, dtype, adapter=None):
 def sft(planner, samples, cfg, meter=None):
     """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token), each step's
     `sft_batch` requests in backward passes of `sft_micro` (the gradient accumulated; the memory of a pass grows with
-    its requests: 2.66 GB resident for 8 at once on the cpu preset). Measured as the meter's "cold start" phase."""
+    its requests: 2.66 GB resident for 8 at once on the cpu preset). Measured as the meter's "cold start" phase.
+    A step whose loss or gradient norm is not finite is skipped, as in GRPO; max_bad_steps in a row stop the run."""
     tok, policy = planner.tok, planner.policy
     end, rng = tok.convert_tokens_to_ids("<|im_end|>"), random.Random(cfg.seed)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.sft_lr)
@@ -191,9 +193,9 @@ def sft(planner, samples, cfg, meter=None):
             if finite:  # a NaN or inf gradient never reaches the weights
                 opt.step()
             opt.zero_grad(set_to_none=True)
-        bad = 0 if finite else bad + 1
-        print(f"sft {step + 1}/{cfg.sft_steps} | loss {total / tokens:.3f}" + ("" if finite else
-              f" | non-finite {'loss' if not math.isfinite(total) else f'gradient norm ({norm})'}, step skipped"))
+        bad, what = 0 if finite else bad + 1, "loss" if not math.isfinite(total) else f"gradient norm ({norm})"
+        print(f"sft {step + 1}/{cfg.sft_steps} | loss {total / tokens:.3f}" +
+              ("" if finite else f" | non-finite {what}, step skipped"))
         if bad >= cfg.max_bad_steps:
             raise SystemExit(f"error: cold start: non-finite loss or gradient {bad} steps in a row; lower sft_lr (now "
                              f"{cfg.sft_lr}) or check the data")
