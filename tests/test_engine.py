@@ -150,8 +150,8 @@ def test_auto_picks_the_merged_copy_where_it_fits(tiny, monkeypatch):
 @pytest.mark.parametrize("name", ["policy", "merged"])
 def test_grpo_samples_from_the_chosen_engine(tmp_path, monkeypatch, name):
     """Both engines train; the log-probs the sampler reported are the policy's up to the copy's rounding, and the
-    merged copy follows every update (a copy left behind would drift away from the policy step by step: lr=1e-2
-    moves the tiny model's log-probs by far more than fp32 rounding)."""
+    merged copy follows every update and decodes every evaluation (a copy left behind would drift away from the
+    policy step by step: lr=1e-2 moves the tiny model's log-probs by far more than fp32 rounding)."""
     from train import main
     syncs = []
     real = engine.Merged.sync
@@ -168,7 +168,8 @@ def test_grpo_samples_from_the_chosen_engine(tmp_path, monkeypatch, name):
     if name == "policy":
         assert max(gaps) < 1e-4 and not syncs
     else:
-        assert max(gaps) < 1e-3 and len(syncs) == 1 + 3  # at the start and after each step
+        evals = sum(r["phase"].startswith("eval") for r in rows)  # zero-shot, cold start, step 3: each decoded
+        assert evals == 3 and max(gaps) < 1e-3 and len(syncs) == 1 + 3 + evals  # by the copy, synced first
 
 
 def test_prompts_share_their_beginning_and_get_the_same_logits(tiny):
