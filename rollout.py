@@ -431,8 +431,19 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
     through the model once, each prompt's rest once, and that KV cache is repeated for the group; then all
     completions run on top of it: the same numbers as a forward pass over each full sequence, with the prompt part
     (the longer one here) computed about once instead of N times. Gradients flow through the shared cache into the
-    prompts' keys and values, so nothing is approximated. `min_shared`: see `prefill`."""
-    T, G = ids.shape[1], group_size
+    prompts' keys and values, so nothing is approximated. `min_shared`: see `prefill`.
+    On a bf16 planner the LoRA adapters compute in bf16 too (autocast): peft keeps them in fp32 and would otherwise
+    cast, and keep for the backward, an fp32 copy of every adapted layer's input (0.23 GB of a cpu preset update's
+    peak); their weights and gradients stay fp32."""
+    dtype = model.get_input_embeddings().weight.dtype  # the compute dtype the planner was loaded in
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = completion_logits(model, prompts, ids, mask, pad_id, group_size, vision, min_shared)
+    return token_logp(logits, ids, temperature) * mask
+
+
+def completion_logits(model, prompts, ids, mask, pad_id, G, vision, min_shared):
+    """The logits (N, T, V) that predict each completion token (see completion_logp)."""
+    T = ids.shape[1]
     ids_in = ids.masked_fill(mask == 0, pad_id)
     checkpointed = model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     if checkpointed:  # a checkpointed layer keeps no KV cache: the prompts as they are, each full sequence run
@@ -447,15 +458,14 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
         else:
             rest = model.get_input_embeddings()(ids_in)
             inputs = {"inputs_embeds": torch.cat([p_in["inputs_embeds"].repeat_interleave(G, 0), rest], 1)}
-        logits = model(**inputs, attention_mask=attn, position_ids=torch.cat([p_pos.repeat_interleave(G, -2), pos], -1),
-                       logits_to_keep=last(T + 1, attn.shape[1], attn.device)).logits[:, :-1]
+        return model(**inputs, attention_mask=attn, position_ids=torch.cat([p_pos.repeat_interleave(G, -2), pos], -1),
+                     logits_to_keep=last(T + 1, attn.shape[1], attn.device)).logits[:, :-1]
     else:
         cache = out.past_key_values
         cache.batch_repeat_interleave(G)
         rest = model(input_ids=ids_in, attention_mask=attn, position_ids=pos, past_key_values=cache,
                      use_cache=True, logits_to_keep=T).logits[:, :-1]             # predicts tokens 1..T-1
-        logits = torch.cat([out.logits[:, -1:].repeat_interleave(G, 0), rest], 1)  # (N, T, V)
-    return token_logp(logits, ids, temperature) * mask
+        return torch.cat([out.logits[:, -1:].repeat_interleave(G, 0), rest], 1)  # (N, T, V)
 
 
 def token_logp(logits, ids, temperature=1.0):

@@ -137,3 +137,37 @@ def test_shared_prompt_logp_equals_full_forward(tiny_dir):
     checkpointed = completion_logp(p.policy, prompts, r.ids, r.mask, pad, group_size=3)
     assert torch.allclose(checkpointed, full, atol=1e-4)
     assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(grads(checkpointed), g_full))
+
+
+def test_lora_computes_in_the_planners_bf16(tiny_dir):
+    """On a bf16 planner the adapters multiply in bf16 (without autocast peft casts each input to its fp32 and keeps
+    that copy for the backward); the log-probs and the LoRA gradients stay fp32 and match the fp32 adapter math."""
+    from planner import load_planner
+    from rollout import completion_logits, token_logp
+    p = load_planner("tiny", folder=tiny_dir, dtype=torch.bfloat16, lora_targets=("q_proj", "v_proj", "down_proj"))
+    for m in p.policy.modules():  # non-zero
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
+    seen = set()
+    for name, m in p.policy.named_modules():
+        if name.endswith("lora_A.default"):
+            m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+    tok, pad = p.tok, p.tok.pad_token_id
+    prompts = prompts_of(tok)
+    r = sample_group(p.policy, prompts, 2, 8, stop_ids(tok), pad, generator=torch.Generator().manual_seed(0))
+    lora = [q for q in p.policy.parameters() if q.requires_grad]
+    runs = {"autocast": lambda: completion_logp(p.policy, prompts, r.ids, r.mask, pad, group_size=2),
+            "fp32 adapters": lambda: token_logp(completion_logits(p.policy, prompts, r.ids, r.mask, pad, 2, None, 16),
+                                                r.ids) * r.mask}
+    out = {}
+    for name, run in runs.items():
+        seen.clear()
+        p.policy.zero_grad()
+        logp = run()
+        logp.sum().backward()
+        assert logp.dtype == torch.float32 and all(q.grad.dtype == torch.float32 for q in lora)
+        out[name] = seen.copy(), logp.detach(), torch.cat([q.grad.flatten() for q in lora])
+    assert out["autocast"][0] == {torch.bfloat16} and out["fp32 adapters"][0] == {torch.float32}
+    (_, a, ga), (_, b, gb) = out.values()
+    assert (a - b).abs().mean() < 0.05 and (a - b).abs().max() < 0.2 and ga.abs().sum() > 0  # bf16 rounding
+    assert torch.nn.functional.cosine_similarity(ga, gb, dim=0) > 0.99
