@@ -71,19 +71,25 @@ def save_checkpoint(out, policy, opt, sched, step):
     os.replace(out / "state.pt.tmp", out / "state.pt")
 
 
-def load_checkpoint(out, policy, opt, sched):
-    """Load out/state.pt into the policy's LoRA weights, the optimizer and the scheduler, set the RNG, and return
-    its step. weights_only=True: a checkpoint holds tensors and plain values, nothing that runs code on load. Every
-    LoRA weight of the policy must be in it with its shape, and nothing else: load_state_dict(strict=False) alone
-    would skip a missing one silently (the base model's weights are never in it, so strict=True cannot be used)."""
+def read_checkpoint(out):
+    """out/state.pt, loaded with weights_only=True: a checkpoint holds tensors and plain values, nothing that runs
+    code on load."""
     import pickle
     path = out / "state.pt"
     try:
-        state = torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         why = str(e).split("\n")[0]
         raise SystemExit(f"error: cannot load {path} ({type(e).__name__}: {why}); a checkpoint of train.py holds "
                          "tensors and plain values only, and loads with weights_only=True") from e
+
+
+def load_checkpoint(out, policy, opt, sched, state=None):
+    """Load out/state.pt (or its `state`, read already: read_checkpoint) into the policy's LoRA weights, the
+    optimizer and the scheduler, set the RNG, and return its step. Every LoRA weight of the policy must be in it
+    with its shape, and nothing else: load_state_dict(strict=False) alone would skip a missing one silently (the
+    base model's weights are never in it, so strict=True cannot be used)."""
+    path, state = out / "state.pt", state or read_checkpoint(out)
     mine, saved = {k: v for k, v in policy.state_dict().items() if "lora_" in k}, state["lora"]
     missing, extra = sorted(mine.keys() - saved.keys()), sorted(saved.keys() - mine.keys())
     shape = [f"{k} {tuple(saved[k].shape)} here {tuple(mine[k].shape)}" for k in sorted(mine.keys() & saved.keys())
@@ -104,7 +110,7 @@ def load_checkpoint(out, policy, opt, sched):
 # here): it changes the model, the data, the prompts, the cold start already done, or what a logged number means.
 RESUMABLE = ("resume", "out_dir", "device", "dry_run", "eval_adapter", "steps", "lr", "warmup", "grad_clip",
              "max_bad_steps", "micro_groups", "grad_checkpointing", "eval_every", "eval_batch", "eval_judge",
-             "save_every", "engine", "meter", "meter_ms", "dtype")
+             "save_every", "engine", "meter", "meter_ms", "dtype", "world_size")
 
 
 def resumed_config(out, cfg):

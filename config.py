@@ -28,6 +28,8 @@ class Config:
     out_dir: str = "runs/default"        # run folder: config.json, metrics.jsonl, adapter/, state.pt
     resume: bool = False                 # continue from out_dir/state.pt
     eval_adapter: str = ""               # only score this saved adapter folder on the held-out split, no training
+    world_size: int = 1                  # ranks the dry run's memory plan is for (torchrun runs train.py once per
+                                         # rank and sets the real number; see distributed.py)
     # planner and LoRA
     lora_r: int = 16                     # LoRA rank
     lora_alpha: int = 32                 # LoRA scale numerator (scale = alpha / r)
@@ -216,7 +218,7 @@ def validate(cfg):
         return type(v) in (int, float) and math.isfinite(v)
 
     for k in ("lora_r", "lora_alpha", "train_n", "sft_batch", "sft_micro", "steps", "batch_prompts", "max_new_tokens",
-              "micro_groups", "max_bad_steps", "eval_n", "eval_batch", "eval_every", "save_every"):
+              "micro_groups", "max_bad_steps", "eval_n", "eval_batch", "eval_every", "save_every", "world_size"):
         need(k, getattr(cfg, k) >= 1, "an int >= 1")
     for k in ("seed", "sft_n", "sft_steps", "warmup", "resample"):
         need(k, getattr(cfg, k) >= 0, "an int >= 0")

@@ -47,6 +47,11 @@ latents (2 x 4096 tokens) with 512 T5 tokens, no grad. Only the transformer: the
 before and after it (their sizes: `train.py --preset=gpu24 --dry_run=True`). Bar: the peak within 20% of the plan.
 The 12B transformer is built in bf16 before its blocks are quantized: this check needs a GPU with >= 32 GB.
 
+ranks: train.py under `torchrun --nproc_per_node=2` (NCCL, one GPU a rank) on the tiny preset in fp32, 3 GRPO steps
+with a reward computed from the text (the share of lower-case letters: the same for any number of ranks), against
+one process with the same settings. Bar: the two adapters within 1e-4. It needs 2 GPUs and says it was skipped with
+fewer; with --tiny it runs on the CPU with gloo (tests/test_distributed.py covers the same on every CI run).
+
 --tiny runs planner and flux on tiny configs: their bars are reported (INFO rows), not applied, since the plan's
 coefficients are for the GPU (tests/test_memory.py compares the plan with the CPU at sizes where it holds). The other
 checks are the same in both modes. Time: --tiny 1 to 1.5 minutes on 2 CPU cores; on a GPU most of the budget is the
@@ -111,6 +116,15 @@ def decoded_as(plans):
     return make
 
 
+def lower_share(cfg, planner):
+    """A make_reward whose reward is a function of the text alone (the share of lower-case letters), so that any
+    number of ranks scores a completion alike; a random tiny model's texts vary in it."""
+    def reward(texts, golds):
+        r = torch.tensor([sum(c.islower() for c in t) / max(len(t), 1) for t in texts])
+        return r, {"format": r * 0, "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
+    return reward
+
+
 def fresh(folder):
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -153,6 +167,39 @@ def check_train(ctx, preset, reward_name):
     measured = (f"{device}, steps {[r['step'] for r in grpo]}, loss {last.get('loss', float('nan')):+.4f}, reward "
                 f"{last.get('reward', float('nan')):.3f}, kept {[r['kept_groups'] for r in grpo]}, evals {evals}")
     return {"measured": measured, "problems": problems, "details": {"grpo": grpo, "evals": evals, "device": device}}
+
+
+RANKS_ARGS = ["--preset=tiny", "--dtype=float32", "--steps=3", "--eval_every=3", "--save_every=3"]
+
+
+def check_ranks(ctx):
+    """train.py in one process, then under torchrun with 2 ranks: the same adapter; see the docstring."""
+    import subprocess
+
+    import train
+    from safetensors.torch import load_file
+    if not ctx.tiny and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU on this machine; the check needs 2 or more",
+                "measured": "", "problems": []}
+    one, two, seconds = fresh(ctx.out / "ranks.one"), fresh(ctx.out / "ranks.two"), {}
+    t = time.time()
+    train.main(train.parse_args(RANKS_ARGS + [f"--out_dir={one}"]), lower_share)
+    seconds[1] = time.time() - t
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t = time.time()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__,
+                          f"--ranks_run={two}"], env=env, capture_output=True, text=True, timeout=600)
+    seconds[2] = time.time() - t
+    if run.returncode:
+        return {"measured": f"torchrun exited with {run.returncode}", "problems": [run.stderr[-2000:]]}
+    a, b = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (one, two))
+    diff = max((a[k] - b[k]).abs().max().item() for k in a) if a.keys() == b.keys() else float("inf")
+    grpo = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"grpo"' in x]
+    problems = [f"the adapters differ by {diff:.2e} (bar 1e-4)"] if not diff < 1e-4 else []
+    if [r["step"] for r in grpo] != [1, 2, 3] or not all(r["kept_groups"] > 0 for r in grpo):
+        problems.append(f"2 ranks: steps {[r['step'] for r in grpo]}, kept {[r['kept_groups'] for r in grpo]}")
+    return {"measured": f"2 ranks ({'gloo, CPU' if ctx.tiny else 'NCCL, 2 GPUs'}): adapter max |diff| {diff:.1e} "
+                        f"vs 1 process; whole run {seconds[2]:.0f}s vs {seconds[1]:.0f}s", "problems": problems}
 
 
 def check_edit(ctx, name):
@@ -375,6 +422,9 @@ CHECKS = {
                      "< 23.5 GB", True),
     "flux": Check(lambda ctx: run_flux(ctx), "FLUX.1-Kontext transformer (random) in NF4: one 1024 px edit",
                   "peak within 20% of the plan", True),
+    "ranks": Check(lambda ctx: check_ranks(ctx), "torchrun --nproc_per_node=2 train.py --preset=tiny (NCCL; gloo "
+                   "with --tiny) against one process", "the same adapter within 1e-4; skipped with fewer than 2 GPUs",
+                   False),
 }
 
 
@@ -399,6 +449,8 @@ def run_check(name, ctx):
         r = check.run(ctx)
         applied = not (ctx.tiny and check.plan)
         row.update(r, result=("FAIL" if r["problems"] else "PASS") if applied else "INFO")
+        if r.get("skipped"):
+            row.update(result="SKIP", measured=f"skipped: {r['skipped']}")
     except (Exception, SystemExit) as e:  # SystemExit: train.py and edit.py stop with sys.exit on what they refuse
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-6))
         row.update(result="FAIL", measured="", problems=[f"{type(e).__name__}: {e}"],
@@ -427,7 +479,11 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny configs for planner and flux, for the CPU")
     ap.add_argument("--flux_steps", type=int, default=28, help="denoising passes (memory is the same for each)")
     ap.add_argument("--out", default="runs/gpu_check")
+    ap.add_argument("--ranks_run", default="", help=argparse.SUPPRESS)  # the ranks check's torchrun target
     args = ap.parse_args(argv)
+    if args.ranks_run:
+        import train
+        return train.main(train.parse_args(RANKS_ARGS + [f"--out_dir={args.ranks_run}"]), lower_share)
     names = select(args.only)
     if args.dry:
         print(f"{len(names)} checks (with --tiny, planner and flux run tiny configs and their bars are reported only):")
@@ -451,9 +507,10 @@ def main(argv=None):
                    "seconds": round(time.time() - t0)}
         path.write_text(json.dumps(results, indent=1, default=str))  # after each check: a killed run keeps its rows
     table(rows)
-    info = sum(r["result"] == "INFO" for r in rows.values())
-    print(f"{len(rows)} checks: {len(rows) - len(failed) - info} passed, {len(failed)} failed"
-          + (f", {info} reported only (--tiny)" if info else "") + f"; {results['seconds']}s; wrote {path}")
+    info, skip = (sum(r["result"] == x for r in rows.values()) for x in ("INFO", "SKIP"))
+    print(f"{len(rows)} checks: {len(rows) - len(failed) - info - skip} passed, {len(failed)} failed"
+          + (f", {info} reported only (--tiny)" if info else "") + (f", {skip} skipped" if skip else "")
+          + f"; {results['seconds']}s; wrote {path}")
     if failed:
         print(f"FAILED: {', '.join(failed)} (tracebacks in {path})", file=sys.stderr)
         raise SystemExit(1)

@@ -39,12 +39,17 @@ def cache_dir():
 
 
 def atomic_folder(final, build):
-    """Run build(tmp_dir), then rename tmp_dir to `final`: an interrupted build never leaves a half folder."""
+    """Run build(tmp_dir), then rename tmp_dir to `final`: an interrupted build never leaves a half folder. When
+    another process (a rank of the same run) renamed its build there first, that one is kept."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         build(tmp)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -72,11 +72,16 @@ def draw(probs, generator=None, block=256):
     """One token per row of probs (N, V), by inverting the cumulative distribution at a uniform draw: the same
     distribution as torch.multinomial, which on a CPU costs 30x more. In two levels: the cumulative mass of blocks of
     `block` tokens picks a block, then that block's own picks the token (a cumulative sum over all 49k tokens of
-    SmolLM2 costs 6x more, and rounds more)."""
+    SmolLM2 costs 6x more, and rounds more). `generator`: one, or a list of them that split the rows in equal
+    consecutive shares (one per prompt's group: see sample_group)."""
     N, V = probs.shape
     p = F.pad(probs, (0, -V % block)).view(N, -1, block)                          # (N, blocks, block)
     cum = p.sum(-1).cumsum(-1)                                                    # (N, blocks)
-    u = torch.rand(N, 1, generator=generator, device=probs.device) * cum[:, -1:]
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(N // len(generator), 1, generator=g, device=probs.device) for g in generator])
+    else:
+        u = torch.rand(N, 1, generator=generator, device=probs.device)
+    u = u * cum[:, -1:]
     b = torch.searchsorted(cum, u, right=True).clamp(max=cum.shape[1] - 1)        # right: no zero-mass block
     u = u - torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), 0.0)          # the mass left inside block b
     inner = p.gather(1, b[..., None].expand(N, 1, block)).squeeze(1).cumsum(-1)   # (N, block)
@@ -372,7 +377,9 @@ def use_group_attention(model):
 def sample_group(model, prompts, group_size, max_new_tokens, stop, pad_id, temperature=1.0, top_p=1.0,
                  generator=None, allowed=None, grammar=None, vision=None):
     """Sample `group_size` completions for each prompt (a list of B token-id lists) with a shared KV cache.
-    temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout.
+    temperature 0 is greedy. Pass a torch.Generator (on the model's device) so a seed replays a rollout, or a list
+    of B of them, one per prompt: then a group's completions do not depend on which prompts share its batch (the
+    ranks of a distributed run each sample a share of a step's prompts).
     `allowed` (token ids) restricts which tokens may be drawn (the sequencer's constrained answer); the log-probs
     stay those of the full distribution at this temperature (see the module's docstring). `grammar` (a
     PlanGrammar) does the same for runnable plans.

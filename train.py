@@ -63,6 +63,7 @@ os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 import torch  # noqa: E402
 
 import config
+import distributed
 import memory
 import reward
 import rollout
@@ -70,7 +71,7 @@ import vlm
 from agents import greedy_plans
 from config import VLM_PRESETS, validate
 from engine import choose_engine
-from checkpoint import load_checkpoint, resumed_config, run_info, save_checkpoint, tidy_checkpoint
+from checkpoint import load_checkpoint, read_checkpoint, resumed_config, run_info, save_checkpoint, tidy_checkpoint
 from data import DataError, grpo_batch, sample_image
 from phrasings import load_requests
 from plan import format_plan
@@ -107,6 +108,12 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.0):
     return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
 
 
+def group_seed(seed, step, r, place):
+    """The seed of one group's sampling generator: a function of the run's seed, the step, the dynamic-sampling
+    round r and the prompt's place in it, and of nothing else (not of the rank that samples it)."""
+    return (((seed * 100_003 + step) * 1_009 + r) * 65_536 + place) % 2**63
+
+
 def lr_factor(step, warmup, total):
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -116,19 +123,22 @@ def lr_factor(step, warmup, total):
 
 def evaluate(planner, samples, cfg):
     """Greedy plans for held-out samples, scored with the paper's reward. Returns mean format-valid rate, F1 per
-    field, mean F1 and mean reward, plus the completions."""
+    field, mean F1 and mean reward, plus the completions. Under torchrun each rank plans its share (every rank
+    returns the scores of all)."""
     grammar = rollout.plan_grammar(planner.tok) if cfg.constrain else None
-    texts = greedy_plans(planner, [s["instruction"] for s in samples], cfg.max_new_tokens, cfg.eval_batch,
-                         [s.get("description") for s in samples], grammar,
-                         [sample_image(s, cfg.image_size) for s in samples] if planner.processor else None)
+    mine = distributed.share(samples)
+    texts = greedy_plans(planner, [s["instruction"] for s in mine], cfg.max_new_tokens, cfg.eval_batch,
+                         [s.get("description") for s in mine], grammar,
+                         [sample_image(s, cfg.image_size) for s in mine] if planner.processor else None) if mine else []
+    texts = distributed.gather(texts, len(samples))
     rewards, info = reward.paper_rewards(texts, samples)
     out = {k: round(v.mean().item(), 4) for k, v in info.items()}
     out["reward"] = round(rewards.mean().item(), 4)
     if cfg.eval_judge:  # the paper's three criteria, 0-10, from the local judge; NaN when no plan ran
         judge = reward.Judge(planner, reward.Outcome(cfg.outcome_size, quality=False))
-        _, judged = judge(texts, samples)
-        out.update({f"judge_{k}": round(judged[k].nanmean().item(), 3)
-                    for k in ("completion", "quality", "preservation")})
+        _, judged = judge(distributed.share(texts), mine)
+        out.update({f"judge_{k}": round(torch.tensor(distributed.gather(judged[k].tolist(), len(samples))).nanmean()
+                                        .item(), 3) for k in ("completion", "quality", "preservation")})
     return out, texts
 
 
@@ -167,19 +177,22 @@ def sft(planner, samples, cfg, meter=None):
     """Supervised cold start: teacher-forced log-likelihood of the gold plan (and the end-of-turn token), each step's
     `sft_batch` requests in backward passes of `sft_micro` (the gradient accumulated; the memory of a pass grows with
     its requests: 2.66 GB resident for 8 at once on the cpu preset). Measured as the meter's "cold start" phase.
-    A step whose loss or gradient norm is not finite is skipped, as in GRPO; max_bad_steps in a row stop the run."""
+    A step whose loss or gradient norm is not finite is skipped, as in GRPO; max_bad_steps in a row stop the run.
+    Under torchrun each rank runs its share of a step's backward passes and the gradients are summed: the same
+    passes as in one process, so the same step."""
     tok, policy = planner.tok, planner.policy
     end, rng = tok.convert_tokens_to_ids("<|im_end|>"), random.Random(cfg.seed)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.sft_lr)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.sft_lr)
     policy.train()
     bad = 0
     for step in range(cfg.sft_steps):
         batch = rng.sample(samples, min(cfg.sft_batch, len(samples)))
         targets = [tok(format_plan(s["action"], s["subject"], s["goal"]), add_special_tokens=False)["input_ids"]
                    + [end] for s in batch]
-        tokens, total = sum(map(len, targets)), 0.0
+        tokens, total = sum(map(len, targets)), 0.0  # the step's, over all ranks
         with meter.phase("cold start") if meter else contextlib.nullcontext():
-            for i in range(0, len(batch), cfg.sft_micro):
+            for i in distributed.share(range(0, len(batch), cfg.sft_micro)):  # a rank's share of the passes
                 part = targets[i:i + cfg.sft_micro]
                 prompts, vision = make_prompts(planner, batch[i:i + cfg.sft_micro], cfg)
                 T = max(len(t) for t in part)
@@ -188,7 +201,9 @@ def sft(planner, samples, cfg, meter=None):
                 loss = -rollout.completion_logp(policy, prompts, ids, mask, tok.pad_token_id, vision=vision).sum()
                 (loss / tokens).backward()  # the mean over all the step's tokens, as one pass would take it
                 total += loss.item()
-            norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+            distributed.sum_grads(params)
+            total = distributed.total(total)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             finite = math.isfinite(total) and math.isfinite(norm)
             if finite:  # a NaN or inf gradient never reaches the weights
                 opt.step()
@@ -231,6 +246,8 @@ def check_run(cfg, out):
     config.json to write)."""
     test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)  # the same whatever the seed, so seeds compare
     train = load_requests(cfg.train_dir, "train", cfg.train_n, seed=cfg.seed, at_least=cfg.batch_prompts)
+    if not distributed.is_main():  # the run folder is rank 0's
+        return train, test, None
     if cfg.resume and not (out / "state.pt").exists():
         raise SystemExit(f"error: --resume=True but {out / 'state.pt'} does not exist")
     if not cfg.resume and (out / "state.pt").exists():
@@ -241,6 +258,8 @@ def check_run(cfg, out):
 
 def log(out, history, row):
     history.append(row)
+    if not distributed.is_main():
+        return
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -268,16 +287,18 @@ def optimizer(params, device, cfg):
 def resume(out, policy, opt, sched, cfg, history):
     """Load the last checkpoint; returns its step. `history` gets the logged rows up to it (later ones are done
     again)."""
-    start = load_checkpoint(out, policy, opt, sched)
+    state = distributed.broadcast(read_checkpoint(out) if distributed.is_main() else None)  # rank 0's folder
+    start = load_checkpoint(out, policy, opt, sched, state)
     # lr, warmup and steps may differ from the saved run's (RESUMABLE): the saved optimizer and scheduler would
     # silently keep the old lr, so the schedule goes on from the saved step with the new ones
     sched.base_lrs = [cfg.lr] * len(opt.param_groups)
     for g in opt.param_groups:
         g["initial_lr"], g["lr"] = cfg.lr, cfg.lr * lr_factor(sched.last_epoch, cfg.warmup, cfg.steps)
     metrics = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-    history.extend(r for r in rows if r["step"] <= start)
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+    if distributed.is_main():
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        history.extend(r for r in rows if r["step"] <= start)
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
     print(f"resumed from {out / 'state.pt'} at step {start}")
     return start
 
@@ -288,9 +309,10 @@ def grpo_update(policy, params, opt, rounds, pad, cfg):
     and one optimizer step unless the loss or the gradient norm is not finite (bf16 overflow: one such step would
     poison the LoRA weights and the optimizer's moments for good). Returns (mean loss, mean KL, gradient norm,
     engine gap, finite): the gap is the mean absolute difference per token between the log-probs the sampler
-    reported and the policy's (see engine.py)."""
+    reported and the policy's (see engine.py). Under torchrun: this rank's groups, the loss scaled by the count of
+    all ranks' groups, and the gradients summed over ranks before the clip (every rank then takes the same step)."""
     G, loss_sum, kl_sum, gap, tokens = cfg.group_size, 0.0, 0.0, 0.0, 0
-    n = sum(len(g.keep) for g in rounds)
+    n = int(distributed.total(sum(len(g.keep) for g in rounds)))
     for part in rounds:
         roll, keep = part.roll, part.keep
         for i in range(0, len(keep), cfg.micro_groups):
@@ -308,6 +330,9 @@ def grpo_update(policy, params, opt, rounds, pad, cfg):
             tokens += mask.sum().item()
             (loss * len(gs) / n).backward()
             loss_sum, kl_sum = loss_sum + loss.item() * len(gs), kl_sum + kl.item() * len(gs)
+    if n:
+        distributed.sum_grads(params)
+    loss_sum, kl_sum, gap, tokens = distributed.total(loss_sum, kl_sum, gap, tokens)
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if n else 0.0
     finite = math.isfinite(loss_sum) and math.isfinite(norm)
     if n and finite:
@@ -333,12 +358,26 @@ def main(cfg, make_reward=reward.make_reward):
     planner)` builds the GRPO reward: a test or a fork passes its own."""
     validate(cfg)  # parse_args did too; a Config built in code is checked here
     if cfg.dry_run:
+        world = max(cfg.world_size, int(os.environ.get("WORLD_SIZE", "1")))
+        if world > 1:  # each rank samples and scores its share of a step's prompts, evaluates its share of batches
+            print(f"memory plan per rank, {world} ranks: {math.ceil(cfg.batch_prompts / world)} of the step's "
+                  f"{cfg.batch_prompts} prompts each")
+            cfg = dataclasses.replace(cfg, batch_prompts=math.ceil(cfg.batch_prompts / world))
         memory.show(cfg)
         return []
     device, dtype, why = memory.pick_device(cfg.device, cfg.dtype)  # chosen here once; everything below is given them
+    rank, world = distributed.init(device)  # under torchrun: this process's rank and its GPU
+    if world > 1:
+        device = distributed.local_device(device)
+        why += f"; rank {rank} of {world}"
+        if rank:  # one log: rank 0 prints; the others' errors still reach stderr
+            sys.stdout = open(os.devnull, "w")
     print(f"device: {device} ({why}), planner compute dtype {str(dtype).removeprefix('torch.')}")
     if not cfg.eval_adapter:
-        return train(cfg, device, dtype, make_reward)
+        try:
+            return train(cfg, device, dtype, make_reward)
+        finally:
+            distributed.close()
     if not (Path(cfg.eval_adapter) / "adapter_config.json").exists():
         raise SystemExit(f"error: {cfg.eval_adapter} is not an adapter folder (no adapter_config.json)")
     test = load_requests(cfg.eval_dir, "test", cfg.eval_n, seed=0)
@@ -360,6 +399,8 @@ def prepare(cfg, out, settings, train_set, test):
         unload_agents()  # ~0.23 GB resident; an outcome reward loads what it needs again
         print(f"perception text for {len({s.get('image_path') or s['image'] for s in train_set})} train images in "
               f"{time.time() - t0:.0f}s, e.g. {train_set[0]['description']!r}")
+    if not distributed.is_main():
+        return
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         tidy_checkpoint(out)
@@ -398,8 +439,11 @@ class Groups:
 
 
 def sample_groups(planner, sampler, batch, gen, score, meter, seconds, cfg, grammar):
-    """Prompts, rollouts and rewards of `batch` (adds to seconds["sample"] and seconds["reward"])."""
+    """Prompts, rollouts and rewards of `batch`, each prompt's group drawn from its generator in `gen` (adds to
+    seconds["sample"] and seconds["reward"]). A rank's share may be empty."""
     G, tok, t = cfg.group_size, planner.tok, time.time()
+    if not batch:
+        return Groups([], [], None, None, torch.zeros(0), {}, torch.zeros(0, G), [])
     with meter.phase("vision" if planner.processor else "prompts"):
         prompts, vision = make_prompts(planner, batch, cfg)
     with meter.phase("sample"):
@@ -416,17 +460,35 @@ def sample_groups(planner, sampler, batch, gen, score, meter, seconds, cfg, gram
     return Groups(batch, prompts, vision, roll, rewards, info, adv, signal.nonzero().flatten().tolist())
 
 
+def first_round(groups, B, G):
+    """The rewards and reward parts of a step's first round over all ranks: per completion in the step's prompt
+    order, and the parts that count the whole batch (the agents' steps, seconds: 0-d) summed."""
+    if distributed.WORLD == 1:
+        return groups.rewards, groups.info
+    per = {k: v for k, v in groups.info.items() if v.dim()}
+    rows = distributed.gather([(groups.rewards[b * G:(b + 1) * G].tolist(),
+                                {k: v[b * G:(b + 1) * G].tolist() for k, v in per.items()})
+                               for b in range(len(groups.batch))], B)
+    info = {k: torch.tensor([x for _, i in rows for x in i[k]]) for k in rows[0][1]}
+    for k in distributed.broadcast(sorted(k for k, v in groups.info.items() if not v.dim())):  # rank 0 has them all
+        info[k] = torch.tensor(distributed.total(groups.info[k].item() if k in groups.info else 0.0))
+    return torch.tensor([x for r, _ in rows for x in r]), info
+
+
 def step_row(step, rounds, update, sched, meter, seconds, cfg):
     """The logged row of a GRPO step: the reward and the means of its parts over the step's first B prompts (as
-    without dynamic sampling, so runs compare), the update (loss, KL, gradient norm, engine gap), sizes and times."""
+    without dynamic sampling, so runs compare), the update (loss, KL, gradient norm, engine gap), sizes and times;
+    counts over all ranks, times and memory this rank's."""
     loss, kl, norm, gap = update
-    first, kept = rounds[0], sum(len(g.keep) for g in rounds)
-    return {"phase": "grpo", "step": step + 1, "reward": round(first.rewards.mean().item(), 4),
-            **{k: round(v.float().nanmean().item(), 4) for k, v in first.info.items()},
+    rewards, info = first_round(rounds[0], cfg.batch_prompts, cfg.group_size)
+    kept, prompts, tokens = map(int, distributed.total(
+        sum(len(g.keep) for g in rounds), sum(len(g.batch) for g in rounds),
+        sum(int(g.roll.mask.sum()) for g in rounds if g.batch)))
+    return {"phase": "grpo", "step": step + 1, "reward": round(rewards.mean().item(), 4),
+            **{k: round(v.float().nanmean().item(), 4) for k, v in info.items()},
             "loss": round(loss, 5), "kl": round(kl, 5), "grad_norm": round(norm, 4), "engine_gap": round(gap, 5),
             "kept_groups": kept, "dropped_groups": cfg.batch_prompts - kept,
-            "prompts": sum(len(g.batch) for g in rounds), "lr": sched.get_last_lr()[0],
-            "tokens": sum(int(g.roll.mask.sum()) for g in rounds),
+            "prompts": prompts, "lr": sched.get_last_lr()[0], "tokens": tokens,
             **{f"{k}_seconds": round(v, 2) for k, v in seconds.items()},
             "seconds": round(sum(seconds.values()), 2), "peak_gb": round(max(meter.peaks.values()) / 2**30, 3)}
 
@@ -438,9 +500,10 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
     out = Path(cfg.out_dir)
     train_set, test, settings = check_run(cfg, out)
     prepare(cfg, out, settings, train_set, test)
-    planner, params, opt, sched, meter = setup(cfg, device, dtype)
+    with distributed.rank0_first():  # rank 0 builds what the model cache lacks, then the others load from it
+        planner, params, opt, sched, meter = setup(cfg, device, dtype)
+        engine, why = choose_engine(cfg, planner, device)
     policy, tok, history = planner.policy, planner.tok, []
-    engine, why = choose_engine(cfg, planner, device)
     print(f"rollout engine: {'merged' if engine else 'policy'} ({why})")
     sampler = engine.model if engine else policy
     evaluate_now = lambda phase, step: heldout(  # noqa: E731
@@ -454,17 +517,20 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
     for step in tqdm(range(start, cfg.steps), desc="grpo", initial=start, total=cfg.steps, disable=None):
         t0, seconds = time.time(), {"sample": 0.0, "reward": 0.0}
         # B prompts, G completions each, scored; then dynamic sampling: up to cfg.resample rounds of fresh prompts
-        # for the groups without signal. Prompts and tokens are fixed by (seed, step, round), so runs replay.
-        gen = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+        # for the groups without signal. Prompts are fixed by (seed, step, round) and each group's tokens by its
+        # generator's seed (seed, step, round, its place), so runs replay, with any number of ranks (each samples
+        # its share of the prompts).
         policy.eval()
-        rounds = []
+        rounds, kept = [], 0
         for r in range(cfg.resample + 1):
-            missing = B - sum(len(g.keep) for g in rounds)
-            if missing == 0:
+            if kept == B:
                 break
-            groups = sample_groups(planner, sampler, grpo_batch(train_set, cfg.seed, step, missing, r), gen, score,
+            batch = grpo_batch(train_set, cfg.seed, step, B - kept, r)
+            gens = [torch.Generator(device).manual_seed(group_seed(cfg.seed, step, r, i)) for i in range(len(batch))]
+            groups = sample_groups(planner, sampler, distributed.share(batch), distributed.share(gens), score,
                                    meter, seconds, cfg, grammar)
-            longest = max(longest, *map(len, groups.prompts))
+            longest = max([longest, *map(len, groups.prompts)])
+            kept += int(distributed.total(len(groups.keep)))
             rounds.append(groups)
         policy.train()
         with meter.phase("update"):
@@ -488,9 +554,11 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
         if (step + 1) % cfg.eval_every == 0 or last:
             evaluate_now("eval", step + 1)
         if (step + 1) % cfg.save_every == 0 or last:
-            save_checkpoint(out, policy, opt, sched, step + 1)
-            plot(out, history)
-    memory.report(meter, cfg, planner, out, longest)
+            if distributed.is_main():
+                save_checkpoint(out, policy, opt, sched, step + 1)
+                plot(out, history)
+    if distributed.is_main():
+        memory.report(meter, cfg, planner, out, longest)
     print_table(history, len(test))
     return history
 
@@ -502,8 +570,10 @@ def cold_start(planner, train_set, cfg, out, opt, sched, evaluate_now, meter=Non
     if cfg.sft_steps:
         sft(planner, train_set[:cfg.sft_n], cfg, meter)
         evaluate_now("eval cold start", 0)
-        planner.policy.save_pretrained(out / "cold_start")
-    save_checkpoint(out, planner.policy, opt, sched, 0)
+        if distributed.is_main():
+            planner.policy.save_pretrained(out / "cold_start")
+    if distributed.is_main():
+        save_checkpoint(out, planner.policy, opt, sched, 0)
     return 0
 
 

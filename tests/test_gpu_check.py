@@ -31,7 +31,7 @@ def test_dry_lists_every_check_and_loads_nothing(monkeypatch, capsys):
     for name, check in gpu_check.CHECKS.items():
         assert name in out and check.what in out and f"bar: {check.bar}" in out
     assert {"tiny.paper", "tiny.outcome", "tiny_vl.paper", "tiny_vl.outcome", "tiny_vl.judge", "edit.kontext",
-            "edit.pix2pix", "edit.inpaint", "planner", "flux"} == set(gpu_check.CHECKS)
+            "edit.pix2pix", "edit.inpaint", "planner", "flux", "ranks"} == set(gpu_check.CHECKS)
     assert gpu_check.main(["--dry", "--only=tiny_vl,flux"])["checks"] == \
         ["tiny_vl.paper", "tiny_vl.outcome", "tiny_vl.judge", "flux"]  # a family, then a name
     with pytest.raises(SystemExit, match="no check called 'tiny_vlm'.*the checks: tiny.paper"):
@@ -99,6 +99,7 @@ def test_tiny_runs_every_check_and_all_pass(places, monkeypatch):
     assert all(v > 0 for v in planner["measured"].values()) and planner["prompt_tokens"] > 50
     assert flux["measured"]["edit"] > 0 and flux["estimated"]["edit"] > 0 and flux["steps"] == 2
     assert quantized  # the blocks' Linear layers ran in NF4
+    assert "2 ranks (gloo, CPU): adapter max |diff|" in checks["ranks"]["measured"]  # torchrun, against 1 process
     assert json.loads((out / "gpu_check.json").read_text())["failed"] == []
     assert (out / "planner" / "adapter" / "adapter_config.json").exists()
     # the checks' stand-ins are not left behind
@@ -115,3 +116,13 @@ def test_flux_plan_within_20_percent_of_measured(tmp_path, heads, size):
                                         num_attention_heads=heads, joint_attention_dim=128, pooled_projection_dim=64,
                                         axes_dims_rope=[16, 24, 24]))
     assert abs(r["measured"]["edit"] / r["estimated"]["edit"] - 1) < 0.2, r
+
+
+def test_ranks_check_is_skipped_with_fewer_than_two_gpus(tmp_path):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs: the check runs")
+    import argparse
+    ctx = argparse.Namespace(tiny=False, out=tmp_path, device="cuda" if torch.cuda.is_available() else "cpu")
+    row = gpu_check.run_check("ranks", ctx)
+    assert row["result"] == "SKIP" and "the check needs 2 or more" in row["measured"] and not row["problems"]
+    assert not list(tmp_path.iterdir())  # nothing ran

@@ -13,6 +13,7 @@ LAYERS = [
     "data",                                   # 0: images, dataset folders, a step's batch
     "phrasings",                              # 0: the built-in requests: templates, the train/test splits
     "editor", "registry",                     # the CPU editor; the lazy registry of agents (CPU loaders)
+    "distributed",                            # the ranks of a torchrun run (torch.distributed only)
     "rollout", "planner", "llama", "vlm", "memory",  # 1: sampling and log-probs; loading planners; memory plan
     "config",                                 # 1: a run's settings, presets and command line
     "engine",                                 # 1: the rollout engine (a merged copy of the policy for sampling)
