@@ -14,7 +14,6 @@ round, the prompt's place in the step), so a step's completions are the same wha
 """
 import datetime
 import os
-from contextlib import contextmanager
 
 import torch
 
@@ -23,20 +22,26 @@ _device = "cpu"
 
 
 def init(device="cpu"):
-    """Join torchrun's process group when there is one (the backend follows the device: nccl for CUDA, else
-    gloo). Sets RANK, WORLD, LOCAL; returns (rank, world)."""
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and, for CUDA, take the local rank's GPU. The
+    process group itself is joined at the first collective (`connect`): by then every rank has loaded its planner,
+    and what that built in the model cache was built by each (transformers' save_pretrained writes nothing on a rank
+    other than 0 of a process group). Returns (rank, world)."""
     global RANK, WORLD, LOCAL, _device
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return RANK, WORLD
-    import torch.distributed as dist
     RANK, WORLD, LOCAL = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
+    if torch.device(device).type == "cuda":
         torch.cuda.set_device(LOCAL)
-    _device = f"cuda:{LOCAL}" if cuda else "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        _device = f"cuda:{LOCAL}"
     return RANK, WORLD
+
+
+def connect():
+    """Join the process group (nccl between GPUs, gloo between CPU processes), once."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if _device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
 
 
 def local_device(device):
@@ -55,8 +60,10 @@ def share(items):
 
 
 def _collective(fn, *args):
-    """Run a collective; a rank that stopped (killed, crashed) ends it with an error that says so."""
+    """Run a collective (joining the group first); a rank that stopped (killed, crashed) ends it with an error that
+    says so."""
     try:
+        connect()
         return fn(*args)
     except (RuntimeError, ConnectionError) as e:
         why = str(e).strip().split("\n")[0][:200]
@@ -89,16 +96,30 @@ def total(*values):
 
 
 def sum_grads(params):
-    """Sum the gradients of `params` over ranks, in place, in one all_reduce (a rank without a gradient for a
-    parameter adds zeros)."""
+    """Sum the gradients of `params` over ranks, in place, in one all_reduce. A parameter no rank has a gradient for
+    keeps none (as in one process: the optimizer skips it); one that some rank lacks counts zeros there."""
     if WORLD == 1:
         return
     import torch.distributed as dist
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    had = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [had])
     _collective(dist.all_reduce, flat)
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p).to(p.dtype)
+    for p, g, n in zip(params, flat.split([g.numel() for g in grads] + [len(params)]), flat[-len(params):].tolist()):
+        p.grad = g.view_as(p).to(p.dtype) if n else None
+
+
+def same_start(params):
+    """Every rank's `params` set to rank 0's (one broadcast): LoRA's random init, the same on every rank only if
+    every rank drew the same random numbers before it."""
+    if WORLD == 1:
+        return
+    import torch.distributed as dist
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    _collective(dist.broadcast, flat, 0)
+    with torch.no_grad():
+        for p, v in zip(params, flat.split([p.numel() for p in params])):
+            p.copy_(v.view_as(p))
 
 
 def broadcast(obj):
@@ -109,19 +130,6 @@ def broadcast(obj):
     box = [obj]
     _collective(dist.broadcast_object_list, box, 0)
     return box[0]
-
-
-@contextmanager
-def rank0_first():
-    """Rank 0 runs the block before the other ranks: what it builds in the model cache (the converted planner, its
-    dequantized copy) they then find there. Built by all at once, a rank's copy would be incomplete: transformers'
-    save_pretrained leaves the weights out on every rank but 0."""
-    import torch.distributed as dist
-    if WORLD > 1 and RANK:
-        _collective(dist.barrier)
-    yield
-    if WORLD > 1 and not RANK:
-        _collective(dist.barrier)
 
 
 def close():

@@ -50,7 +50,8 @@ The 12B transformer is built in bf16 before its blocks are quantized: this check
 ranks: train.py under `torchrun --nproc_per_node=2` (NCCL, one GPU a rank) on the tiny preset in fp32, 3 GRPO steps
 with a reward computed from the text (the share of lower-case letters: the same for any number of ranks), against
 one process with the same settings. Bar: the two adapters within 1e-4. It needs 2 GPUs and says it was skipped with
-fewer; with --tiny it runs on the CPU with gloo (tests/test_distributed.py covers the same on every CI run).
+fewer; with --tiny on a machine without a GPU it runs on the CPU with gloo (tests/test_distributed.py covers the
+same on every CI run).
 
 --tiny runs planner and flux on tiny configs: their bars are reported (INFO rows), not applied, since the plan's
 coefficients are for the GPU (tests/test_memory.py compares the plan with the CPU at sizes where it holds). The other
@@ -178,7 +179,7 @@ def check_ranks(ctx):
 
     import train
     from safetensors.torch import load_file
-    if not ctx.tiny and torch.cuda.device_count() < 2:
+    if (ctx.device == "cuda" or not ctx.tiny) and torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU on this machine; the check needs 2 or more",
                 "measured": "", "problems": []}
     one, two, seconds = fresh(ctx.out / "ranks.one"), fresh(ctx.out / "ranks.two"), {}
@@ -187,7 +188,7 @@ def check_ranks(ctx):
     seconds[1] = time.time() - t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t = time.time()
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__,
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                           f"--ranks_run={two}"], env=env, capture_output=True, text=True, timeout=600)
     seconds[2] = time.time() - t
     if run.returncode:
@@ -198,8 +199,9 @@ def check_ranks(ctx):
     problems = [f"the adapters differ by {diff:.2e} (bar 1e-4)"] if not diff < 1e-4 else []
     if [r["step"] for r in grpo] != [1, 2, 3] or not all(r["kept_groups"] > 0 for r in grpo):
         problems.append(f"2 ranks: steps {[r['step'] for r in grpo]}, kept {[r['kept_groups'] for r in grpo]}")
-    return {"measured": f"2 ranks ({'gloo, CPU' if ctx.tiny else 'NCCL, 2 GPUs'}): adapter max |diff| {diff:.1e} "
-                        f"vs 1 process; whole run {seconds[2]:.0f}s vs {seconds[1]:.0f}s", "problems": problems}
+    how = "NCCL, 2 GPUs" if ctx.device == "cuda" else "gloo, CPU"
+    return {"measured": f"2 ranks ({how}): adapter max |diff| {diff:.1e} vs 1 process; whole run "
+                        f"{seconds[2]:.0f}s vs {seconds[1]:.0f}s", "problems": problems}
 
 
 def check_edit(ctx, name):

@@ -77,7 +77,8 @@ def smollm2_folder():
         # weights into a plain model of the same config and save that instead.
         config = gguf.config
         del config.quantization_config
-        plain = LlamaForCausalLM(config)
+        with torch.random.fork_rng():  # its random init is overwritten: the caller's RNG stream is left alone
+            plain = LlamaForCausalLM(config)
         plain.load_state_dict(gguf.state_dict())
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)

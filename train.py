@@ -384,7 +384,10 @@ def main(cfg, make_reward=reward.make_reward):
     if cfg.describe:
         describe_requests(test)
     planner = load_policy(cfg, device, dtype, cfg.eval_adapter)
-    scores, _ = evaluate(decoder(planner, choose_engine(cfg, planner, device)[0]), test, cfg)
+    try:
+        scores, _ = evaluate(decoder(planner, choose_engine(cfg, planner, device)[0]), test, cfg)
+    finally:
+        distributed.close()
     print(f"{cfg.eval_adapter} on {len(test)} held-out requests: "
           + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     return [{"phase": "eval adapter", "step": 0, **scores}]
@@ -462,14 +465,17 @@ def sample_groups(planner, sampler, batch, gen, score, meter, seconds, cfg, gram
 
 def first_round(groups, B, G):
     """The rewards and reward parts of a step's first round over all ranks: per completion in the step's prompt
-    order, and the parts that count the whole batch (the agents' steps, seconds: 0-d) summed."""
+    order (a part one rank's reward left out, all NaN there, is NaN for its completions; one that is NaN for all is
+    left out, as the reward does in one process), and the parts that count the whole batch (0-d) summed."""
     if distributed.WORLD == 1:
         return groups.rewards, groups.info
     per = {k: v for k, v in groups.info.items() if v.dim()}
     rows = distributed.gather([(groups.rewards[b * G:(b + 1) * G].tolist(),
                                 {k: v[b * G:(b + 1) * G].tolist() for k, v in per.items()})
                                for b in range(len(groups.batch))], B)
-    info = {k: torch.tensor([x for _, i in rows for x in i[k]]) for k in rows[0][1]}
+    keys = list(dict.fromkeys(k for _, i in rows for k in i))
+    info = {k: torch.tensor([x for _, i in rows for x in i.get(k, [math.nan] * G)]) for k in keys}
+    info = {k: v for k, v in info.items() if not v.isnan().all()}
     for k in distributed.broadcast(sorted(k for k, v in groups.info.items() if not v.dim())):  # rank 0 has them all
         info[k] = torch.tensor(distributed.total(groups.info[k].item() if k in groups.info else 0.0))
     return torch.tensor([x for r, _ in rows for x in r]), info
@@ -500,9 +506,11 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
     out = Path(cfg.out_dir)
     train_set, test, settings = check_run(cfg, out)
     prepare(cfg, out, settings, train_set, test)
-    with distributed.rank0_first():  # rank 0 builds what the model cache lacks, then the others load from it
-        planner, params, opt, sched, meter = setup(cfg, device, dtype)
-        engine, why = choose_engine(cfg, planner, device)
+    planner, params, opt, sched, meter = setup(cfg, device, dtype)
+    engine, why = choose_engine(cfg, planner, device)
+    distributed.same_start(params)  # ranks: rank 0's LoRA init
+    if distributed.WORLD > 1 and 0 < distributed.total(engine is not None) < distributed.WORLD:
+        engine, why = None, "not every rank had the memory for a merged copy"  # ranks sample alike
     policy, tok, history = planner.policy, planner.tok, []
     print(f"rollout engine: {'merged' if engine else 'policy'} ({why})")
     sampler = engine.model if engine else policy

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--preset=tiny", "--dtype=float32", "--steps=3", "--eval_every=3", "--save_every=3"]
+TINY = ["--preset=tiny", "--device=cpu", "--dtype=float32", "--steps=3", "--eval_every=3", "--save_every=3"]
 
 
 def lower_share(texts, golds):
@@ -101,7 +101,8 @@ def test_torchrun_rank_killed_stops_the_run_and_it_resumes_with_one(tmp_path):
     failed; `--resume=True` in one process continues from the step-2 checkpoint to the end."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    argv = ["--preset=tiny", "--steps=200", "--save_every=2", "--eval_every=1000", f"--out_dir={tmp_path / 'run'}"]
+    argv = ["--preset=tiny", "--device=cpu", "--steps=200", "--save_every=2", "--eval_every=1000",
+            f"--out_dir={tmp_path / 'run'}"]
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                             f"--master_port={free_port()}", "train.py", *argv], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -124,10 +125,48 @@ def test_torchrun_rank_killed_stops_the_run_and_it_resumes_with_one(tmp_path):
     assert "step 200/200" not in out
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert state["step"] >= 2 and state["step"] % 2 == 0
-    done = subprocess.run([sys.executable, "train.py", *argv[:1], "--steps=8", *argv[2:], "--resume=True"],
+    done = subprocess.run([sys.executable, "train.py", *argv[:2], "--steps=8", *argv[3:], "--resume=True"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"resumed from {tmp_path / 'run' / 'state.pt'} at step {state['step']}" in done.stdout
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["phase"] == "grpo"]
     assert steps == list(range(1, 9))
+
+
+def test_dry_run_prints_the_memory_plan_of_a_rank(capsys):
+    import train
+    train.main(train.parse_args(["--preset=gpu24", "--dry_run=True"]))
+    one = capsys.readouterr().out
+    train.main(train.parse_args(["--preset=gpu24", "--dry_run=True", "--world_size=2"]))
+    two = capsys.readouterr().out
+    assert "B=8 G=8" in one and "per rank" not in one
+    assert "memory plan per rank, 2 ranks: 4 of the step's 8 prompts each" in two and "B=4 G=8" in two
+    peak = [float(x.split("peak: ")[1].split(" GB")[0]) for x in (one, two)]
+    assert peak[1] <= peak[0]
+
+
+def test_first_round_joins_reward_parts_that_only_some_ranks_have(monkeypatch):
+    """A reward drops a part that is NaN for its whole batch: rank 0's share may lack one another rank has. The
+    step's row gets every part, NaN where a rank had none, in the step's prompt order; batch counts are summed."""
+    import distributed
+    import train
+    G, nan = 2, float("nan")
+    mine = train.Groups(["a", "c"], [], None, None, torch.tensor([0.1, 0.2, 0.5, 0.6]),
+                        {"f1": torch.tensor([1.0, 2.0, 5.0, 6.0]), "steps_run": torch.tensor(3.0)},
+                        torch.zeros(2, G), [])
+    other = [([0.3, 0.4], {"f1": [3.0, 4.0], "target": [0.7, nan]})]  # rank 1: prompt "b"
+
+    def gather(rows, n):
+        out = [None] * n
+        out[0::2], out[1::2] = rows, other
+        return out
+    monkeypatch.setattr(distributed, "WORLD", 2)
+    monkeypatch.setattr(distributed, "gather", gather)
+    monkeypatch.setattr(distributed, "broadcast", lambda x: x)
+    monkeypatch.setattr(distributed, "total", lambda x: x + 4.0)  # rank 1 ran 4 steps
+    rewards, info = train.first_round(mine, 3, G)
+    assert rewards.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    assert info["f1"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert torch.equal(info["target"].isnan(), torch.tensor([True, True, False, True, True, True]))
+    assert info["steps_run"].item() == 7.0

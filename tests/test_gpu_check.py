@@ -99,7 +99,9 @@ def test_tiny_runs_every_check_and_all_pass(places, monkeypatch):
     assert all(v > 0 for v in planner["measured"].values()) and planner["prompt_tokens"] > 50
     assert flux["measured"]["edit"] > 0 and flux["estimated"]["edit"] > 0 and flux["steps"] == 2
     assert quantized  # the blocks' Linear layers ran in NF4
-    assert "2 ranks (gloo, CPU): adapter max |diff|" in checks["ranks"]["measured"]  # torchrun, against 1 process
+    ranks = checks["ranks"]  # torchrun against 1 process: gloo on the CPU; skipped on a machine with one GPU
+    assert "2 ranks (gloo, CPU): adapter max |diff|" in ranks["measured"] if r["device"] == "cpu" else \
+        ranks["result"] in ("SKIP", "PASS")
     assert json.loads((out / "gpu_check.json").read_text())["failed"] == []
     assert (out / "planner" / "adapter" / "adapter_config.json").exists()
     # the checks' stand-ins are not left behind
