@@ -12,6 +12,7 @@ decoding, temperature 0, reports temperature 1's), and `completion_logp` takes t
 Simplified: the top-p cut and the masks of constrained decoding (`allowed`, PlanGrammar) shape which token is
 drawn but are left out of the log-probs, which stay those of the full tempered distribution.
 """
+import contextlib
 import functools
 import re
 from dataclasses import dataclass
@@ -443,7 +444,7 @@ def completion_logp(model, prompts, ids, mask, pad_id, group_size=1, vision=None
     cast, and keep for the backward, an fp32 copy of every adapted layer's input (0.23 GB of a cpu preset update's
     peak); their weights and gradients stay fp32."""
     dtype = model.get_input_embeddings().weight.dtype  # the compute dtype the planner was loaded in
-    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+    with torch.autocast(ids.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
         logits = completion_logits(model, prompts, ids, mask, pad_id, group_size, vision, min_shared)
     return token_logp(logits, ids, temperature) * mask
 

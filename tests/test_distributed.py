@@ -17,12 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--preset=tiny", "--device=cpu", "--dtype=float32", "--steps=3", "--eval_every=3", "--save_every=3"]
 
 
-def lower_share(texts, golds):
-    """A reward with signal for a random tiny model (as test_train's): the share of lower-case letters."""
-    r = torch.tensor([sum(c.islower() for c in t) / max(len(t), 1) for t in texts])
-    return r, {"format": torch.zeros_like(r), "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,6 +29,7 @@ def rank_main(rank, world, port, argv, cache, dump):
                       MASTER_PORT=str(port), XDG_CACHE_HOME=cache, HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
+    import gpu_check
     import train
     real = train.grpo_update
 
@@ -45,7 +40,7 @@ def rank_main(rank, world, port, argv, cache, dump):
         return out
 
     train.grpo_update = update_and_dump
-    train.main(train.parse_args(argv), lambda cfg, planner: lower_share)
+    train.main(train.parse_args(argv), gpu_check.lower_share)
 
 
 def adapter(folder):
@@ -56,10 +51,11 @@ def adapter(folder):
 def test_two_gloo_ranks_make_the_adapter_of_one_process(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 
+    import gpu_check
     import train
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("XDG_CACHE_HOME", cache)
-    one = train.main(train.parse_args([*TINY, f"--out_dir={tmp_path / 'one'}"]), lambda cfg, planner: lower_share)
+    one = train.main(train.parse_args([*TINY, f"--out_dir={tmp_path / 'one'}"]), gpu_check.lower_share)  # text reward
     (tmp_path / "dump").mkdir()
     mp.spawn(rank_main, args=(2, free_port(), [*TINY, f"--out_dir={tmp_path / 'two'}"], cache,
                               str(tmp_path / "dump")), nprocs=2)
