@@ -1,6 +1,6 @@
 """train.py under several ranks on the CPU (gloo): two ranks end with the adapter one process makes, hold the same
-weights after every step, and a killed rank stops the run with a message; the run resumes with another number of
-ranks. The ranks are real processes: spawned by torch.multiprocessing, or by torchrun as a user starts them."""
+weights after every step, and resume each other's runs; a killed rank stops the run with a message, and the run
+resumes with another number of ranks. The ranks are real processes: spawned by torch.multiprocessing, or by torchrun as a user starts them."""
 import json
 import os
 import signal
@@ -76,6 +76,18 @@ def test_two_gloo_ranks_make_the_adapter_of_one_process(tmp_path, monkeypatch):
     evals = [(r["phase"], r["f1"]) for r in rows if r["phase"].startswith("eval")]
     assert evals == [(r["phase"], r["f1"]) for r in one if r["phase"].startswith("eval")]  # split, then gathered
     assert len(list((tmp_path / "two").iterdir())) == len(list((tmp_path / "one").iterdir()))  # rank 0 wrote it
+    # resume across rank counts: the one-process run goes on under 2 ranks (rank 0 reads the checkpoint and sends it),
+    # the 2-rank run in one process; both to step 4, they still hold the same adapter
+    more = [*TINY, "--steps=4", "--resume=True"]
+    mp.spawn(rank_main, args=(2, free_port(), [*more, f"--out_dir={tmp_path / 'one'}"], cache,
+                              str(tmp_path / "dump")), nprocs=2)
+    train.main(train.parse_args([*more, f"--out_dir={tmp_path / 'two'}"]), gpu_check.lower_share)
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    for run in ("one", "two"):
+        steps = [json.loads(x)["step"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(x)["phase"] == "grpo"]
+        assert steps == [1, 2, 3, 4], (run, steps)
 
 
 def worker_pids(parent):
