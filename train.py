@@ -561,10 +561,9 @@ def train(cfg, device, dtype, make_reward=reward.make_reward):
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.eval_every == 0 or last:
             evaluate_now("eval", step + 1)
-        if (step + 1) % cfg.save_every == 0 or last:
-            if distributed.is_main():
-                save_checkpoint(out, policy, opt, sched, step + 1)
-                plot(out, history)
+        if ((step + 1) % cfg.save_every == 0 or last) and distributed.is_main():
+            save_checkpoint(out, policy, opt, sched, step + 1)
+            plot(out, history)
     if distributed.is_main():
         memory.report(meter, cfg, planner, out, longest)
     print_table(history, len(test))
@@ -578,9 +577,9 @@ def cold_start(planner, train_set, cfg, out, opt, sched, evaluate_now, meter=Non
     if cfg.sft_steps:
         sft(planner, train_set[:cfg.sft_n], cfg, meter)
         evaluate_now("eval cold start", 0)
-        if distributed.is_main():
-            planner.policy.save_pretrained(out / "cold_start")
     if distributed.is_main():
+        if cfg.sft_steps:
+            planner.policy.save_pretrained(out / "cold_start")
         save_checkpoint(out, planner.policy, opt, sched, 0)
     return 0
 

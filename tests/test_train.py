@@ -8,6 +8,7 @@ from dataclasses import fields
 import pytest
 import torch
 
+import gpu_check
 from config import PRESETS, Config
 from train import evaluate, parse_args
 
@@ -236,10 +237,8 @@ def test_lr_schedule():
 
 # ---- whole runs on the tiny preset
 
-def fake_rewards(texts, golds):
-    """A reward with signal for a random tiny model: the share of lower-case letters in the completion."""
-    r = torch.tensor([sum(c.islower() for c in t) / max(len(t), 1) for t in texts])
-    return r, {"format": torch.zeros_like(r), "f1": r, "f1_action": r, "f1_subject": r, "f1_goal": r}
+# A reward with signal for a random tiny model: the share of lower-case letters in the completion.
+fake_rewards = gpu_check.lower_share(None, None)
 
 
 def run(tmp_path, monkeypatch, name, *extra, planners=None):
