@@ -103,8 +103,10 @@ def greedy_plans(planner, instructions, max_new_tokens, batch=16, descriptions=N
 # an action no editor knows; a caller decides what a run with failed steps means).
 
 
-def run_steps(image, steps, work_size=512, find=None, edit=None):
+def run_steps(image, steps, work_size=512, find=None, edit=None, masks=None):
     """Apply ordered Steps to an RGB uint8 array (H, W, 3). Returns (edited array, trace: one dict per step).
+    `masks`, a list: each step that found a region appends (step number, the image the region agent saw at work
+    size, its mask in [0, 1]) (for a page that draws them; the trace stays JSON).
     `find(image, subject)` -> Region replaces the region agents' `regions.find` on the current image (the outcome
     reward passes a cached one; gpu24 passes the grounding agent's). `edit(image, step, mask)` -> image replaces
     the CPU editor for every step but geometry (crop, rotate, flip stay exact): a diffusers editor, which reads any
@@ -120,8 +122,11 @@ def run_steps(image, steps, work_size=512, find=None, edit=None):
                 raise editor.EditError(f"the CPU editor has no action {step.action!r}")
             mask = None
             if action not in editor.GEOMETRY:
-                region = (find or regions.find)(regions.downscale(image, work_size), step.subject)
+                small = regions.downscale(image, work_size)
+                region = (find or regions.find)(small, step.subject)
                 rec.update(agent=region.agent, region=region.note, area=round(float(region.mask.mean()), 4))
+                if masks is not None:
+                    masks.append((i + 1, small, region.mask))
                 if action == "remove" and region.agent == "whole":
                     raise editor.EditError(f"nothing to remove: {region.note}")
                 mask = regions.upscale(region.mask, image.shape)

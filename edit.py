@@ -259,13 +259,14 @@ def carry_alpha(result, alpha, steps, trace):
 
 
 def edit_image(image, instruction, planner, description=None, editor="retouch", regions="cpu", sequencer="rules",
-               alpha=None, seed=0, log=print):
+               alpha=None, seed=0, log=print, masks=None):
     """Edit a PIL RGB image as `instruction` asks: (edited image, trace {"planner_output", "plan", "sequencing",
     "steps", "seconds"}); RequestFailed if the planner writes no plan or no step applies. `planner`: load_planner's
     (planner, write) pair; `description`: describe(image) for a text-only planner, else None; `editor`, `regions`:
     the agents (as --editor, --regions); `sequencer`: "model" or "rules"; `alpha`: an "L" image to carry over.
     The memory plan: unless both agents are the CPU ones, the planner is dropped once the steps are ordered, before
-    they load; it is freed only if the caller keeps no reference of its own (`main` hands its only one over)."""
+    they load; it is freed only if the caller keeps no reference of its own (`main` hands its only one over).
+    `masks`: a list that gets each step's region mask (see agents.run_steps)."""
     import numpy as np
     from PIL import Image
 
@@ -291,7 +292,7 @@ def edit_image(image, instruction, planner, description=None, editor="retouch", 
         agents.unload()
     find, edit = agent_calls(editor, regions, seed)
     t0 = time.time()
-    edited, trace = agents.run_steps(np.asarray(image), steps, WORK_SIZE, find=find, edit=edit)
+    edited, trace = agents.run_steps(np.asarray(image), steps, WORK_SIZE, find=find, edit=edit, masks=masks)
     seconds["steps"] = round(time.time() - t0, 2)
     for r in trace:
         log(f"  step {r['step']}: {r['text']:<40} {r.get('region', '')} ({r['seconds']:.2f}s)"
@@ -376,14 +377,19 @@ def check_request(args):
     adapter, args.preset = choose_adapter(args)
     if adapter:
         check_adapter(adapter)
-    if args.preset == "gpu24":  # also when the preset came from the adapter
+    check_device(args.preset, None if preset_given else adapter)
+    return instruction, adapter, output_paths(args)
+
+
+def check_device(preset, adapter=None):
+    """Exit if `preset` needs a CUDA GPU and there is none; `adapter`: the adapter the preset was read from."""
+    if preset == "gpu24":
         import torch
         if not torch.cuda.is_available():
             sys.exit("error: the gpu24 preset needs a CUDA GPU (about 24 GB) and this machine has none; "
-                     + ("use --preset=cpu (the default), or --preset=tiny_vl to run gpu24's code on a tiny random "
-                        "model" if preset_given else f"{adapter} is a gpu24 adapter: leave out --adapter to use "
-                        "the newest cpu adapter under runs/"))
-    return instruction, adapter, output_paths(args)
+                     + (f"{adapter} is a gpu24 adapter: leave out --adapter to use the newest cpu adapter under "
+                        "runs/" if adapter else "use --preset=cpu (the default), or --preset=tiny_vl to run gpu24's "
+                        "code on a tiny random model"))
 
 
 def read_image(path):
@@ -401,21 +407,42 @@ def read_image(path):
     return rgb, alpha, frames
 
 
+def team(preset, editor=None, regions=None, sequencer="auto", constrain=None, describe=None):
+    """The agents and switches of a request on `preset`, each taken as given or else the preset's default (as the
+    options of edit.py and app.py say): editor, regions, sequencer ("model" or "rules"), constrain, describe."""
+    vlm_preset = preset in ("gpu24", "tiny_vl")  # a VLM planner sees the image: no perception text by default
+    return {"editor": editor or ("kontext" if preset == "gpu24" else "retouch"),
+            "regions": regions or ("grounding" if preset == "gpu24" else "cpu"),
+            "sequencer": "model" if sequencer == "model" or (sequencer == "auto" and preset == "gpu24") else "rules",
+            "constrain": preset == "cpu" if constrain is None else constrain,
+            "describe": not vlm_preset if describe is None else describe}
+
+
+def make_record(trace, seconds, *, image, instruction, preset, chosen, adapter, rgb, frames, result, description,
+                output):
+    """The JSON trace written beside an edited image: the request, the team, the plan and every step."""
+    import agents
+    return {"image": str(image), "instruction": instruction, "preset": preset, "editor": chosen["editor"],
+            "regions": chosen["regions"], "adapter": str(adapter) if adapter else None,
+            "size_in": [rgb.width, rgb.height], "frames_in": frames, "size_out": [result.width, result.height],
+            "description": description, "planner_output": trace["planner_output"],
+            "constrained": chosen["constrain"], "plan": trace["plan"], "sequencing": trace["sequencing"],
+            "steps": trace["steps"], "agents_loaded": agents.loaded(),
+            "agent_load_seconds": {k: round(v, 2) for k, v in agents.LOAD_SECONDS.items()},
+            "seconds": seconds, "output": str(output)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     instruction, adapter, (out, trace_path, compare_path) = check_request(args)
-    editor_name = args.editor or ("kontext" if args.preset == "gpu24" else "retouch")
-    region_name = args.regions or ("grounding" if args.preset == "gpu24" else "cpu")
+    chosen = team(args.preset, args.editor, args.regions, args.sequencer, args.constrain, args.describe)
     rgb, alpha, frames = read_image(args.image)
 
     import agents  # torch and the agents' code load here, before the perception thread starts
     warnings.filterwarnings("ignore", category=FutureWarning)
-    use_model = args.sequencer == "model" or (args.sequencer == "auto" and args.preset == "gpu24")
-    constrain = args.preset == "cpu" if args.constrain is None else args.constrain
-    vlm_preset = args.preset in ("gpu24", "tiny_vl")  # a VLM planner sees the image: no perception text by default
-    describe_it = args.describe if args.describe is not None else not vlm_preset
-    loaded = load_with_perception(args, adapter, rgb, use_model, constrain, describe_it)
+    loaded = load_with_perception(args, adapter, rgb, chosen["sequencer"] == "model", chosen["constrain"],
+                                  chosen["describe"])
     description, seconds = loaded["description"], loaded["seconds"]
     newest = "" if args.adapter else f" (newest {args.preset} adapter under runs/)"
     print(f"planner: {args.preset}, " + (f"adapter {adapter}{newest}" if adapter
@@ -423,20 +450,16 @@ def main(argv=None):
     if description:
         print(f"perception: {description}")
     try:  # pop: edit_image holds the planner's only reference, so that the memory plan can free it
-        result, trace = edit_image(rgb, instruction, loaded.pop("planner"), description, editor_name, region_name,
-                                   "model" if use_model else "rules",
+        result, trace = edit_image(rgb, instruction, loaded.pop("planner"), description, chosen["editor"],
+                                   chosen["regions"], chosen["sequencer"],
                                    alpha if out.suffix.lower() in KEEPS_ALPHA else None)
     except RequestFailed as e:
         sys.exit(f"error: {e}; nothing was written")
     save_atomic(result.save, out)
     seconds = {**seconds, **trace["seconds"], "total": round(time.time() - t_start, 2)}
-    record = {"image": str(args.image), "instruction": instruction, "preset": args.preset, "editor": editor_name,
-              "regions": region_name, "adapter": str(adapter) if adapter else None, "size_in": [rgb.width, rgb.height],
-              "frames_in": frames, "size_out": [result.width, result.height], "description": description,
-              "planner_output": trace["planner_output"], "constrained": constrain, "plan": trace["plan"],
-              "sequencing": trace["sequencing"], "steps": trace["steps"], "agents_loaded": agents.loaded(),
-              "agent_load_seconds": {k: round(v, 2) for k, v in agents.LOAD_SECONDS.items()},
-              "seconds": seconds, "output": str(out)}
+    record = make_record(trace, seconds, image=args.image, instruction=instruction, preset=args.preset,
+                         chosen=chosen, adapter=adapter, rgb=rgb, frames=frames, result=result,
+                         description=description, output=out)
     save_atomic(lambda p: p.write_text(json.dumps(record, indent=1)), trace_path)
     if compare_path:
         save_atomic(compare_picture(rgb, result.convert("RGB"), instruction, trace["steps"]).save, compare_path)

@@ -22,6 +22,7 @@ LAYERS = [
     "reward",                                 # 3: every reward
     "checkpoint",                             # 3: run folders: atomic saves, resume and its checks
     "train", "edit", "eval", "bench", "gpu_check",  # 4: entry points, never importing each other ...
+    "app",                                    # 5: the editing page, on edit.py's code
 ]
 ENTRY = {"train", "edit", "eval", "bench", "gpu_check"}
 # ... but the GPU check runs them in-process, as a test, and `bench.py coldstart` runs train's cold start alone
