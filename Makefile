@@ -1,5 +1,6 @@
 # make train   install into .venv if needed, then train with the default preset
 # make test    install into .venv if needed, then run the fast tests offline
+# make test-browser  the editing page (app.py) in Chromium, driven by Playwright; saves docs/app.jpg
 # make bench   the sampler benchmark of the README
 # make gpu-check  on a CUDA GPU: every GPU check (gpu_check.py), one PASS/FAIL table; exits 1 on a failure
 PYTHON ?= python3
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install train test test-all bench gpu-check clean
+.PHONY: install train test test-all test-browser bench gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +37,15 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q
+
+# Playwright drives Debian's Chromium: its own browser download (`playwright install`) needs a CDN this machine
+# cannot reach. Installing the package needs root; elsewhere: sudo apt-get install chromium, or set CHROMIUM=path.
+test-browser: install
+	@[ -n "$$CHROMIUM" ] || command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) \
+	  || { echo "error: no Chromium; install it (Debian: sudo apt-get install chromium) or set CHROMIUM=path"; exit 1; }
+	$(PY) -m pip install -q playwright==1.65.2
+	$(PY) -m pytest -q -m browser -p no:cacheprovider
 
 bench: install
 	$(PY) bench.py $(ARGS)

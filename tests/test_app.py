@@ -124,9 +124,11 @@ def test_a_request_on_the_cpu_preset(page):
     assert list(page.planners) == ["None"]  # loaded once, kept for the next request
 
 
-def test_a_plan_that_does_not_parse_shows_the_log(tmp_path):
-    """The tiny preset's random planner writes no plan: the message says so, with what the planner wrote."""
-    tiny = app.Page("tiny", root=str(tmp_path), out_dir=tmp_path)
+@pytest.mark.parametrize("preset", ["tiny", "tiny_vl"])
+def test_a_plan_that_does_not_parse_shows_the_log(preset, tmp_path):
+    """A random tiny planner writes no plan: the message says so, with what the planner wrote. tiny_vl runs the
+    gpu24 code path of the page (a VLM planner that reads the photo, no perception text) on a tiny model."""
+    tiny = app.Page(preset, root=str(tmp_path), out_dir=tmp_path)
     with pytest.raises(app.PageError) as e:
         tiny.submit(None, "chelsea", "blur the cat", "base")
     head, _, log = str(e.value).partition("\n\n")
@@ -167,3 +169,13 @@ def test_only_the_page_imports_gradio():
         names |= {n.module.split(".")[0] for n in ast.walk(ast.parse(path.read_text()))
                   if isinstance(n, ast.ImportFrom) and n.module}
         assert ("gradio" in names) == (path.name == "app.py"), path.name
+
+
+def test_startup_checks_are_edit_pys(tmp_path, monkeypatch):
+    """A wrong --adapter or a gpu24 page without a GPU stops before anything loads or serves."""
+    import torch
+    with pytest.raises(SystemExit, match=f"error: {tmp_path} is not an adapter folder"):
+        app.main(["--adapter", str(tmp_path)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="error: the gpu24 preset needs a CUDA GPU"):
+        app.main(["--preset", "gpu24"])
