@@ -291,7 +291,9 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     demo = build(page)
     demo.queue(default_concurrency_limit=1)  # one request at a time: one planner, one set of agents
-    demo.launch(server_name="127.0.0.1", server_port=args.port, share=args.share, show_error=False)
+    print(f"the page: http://127.0.0.1:{args.port}/ (this machine only" + (", and a public link below)" if args.share
+          else "; --share for a public link)") + "; Ctrl-C stops it")
+    demo.launch(server_name="127.0.0.1", server_port=args.port, share=args.share, show_error=False, quiet=True)
 
 
 if __name__ == "__main__":
