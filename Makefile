@@ -45,7 +45,7 @@ test-browser: install
 	  || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null) \
 	  || { echo "error: no Chromium; install it (Debian: sudo apt-get install chromium) or set CHROMIUM=path"; exit 1; }
 	$(PY) -m pip install -q playwright==1.65.2
-	$(PY) -m pytest -q -m browser -p no:cacheprovider
+	$(PY) -m pytest -q -m browser
 
 bench: install
 	$(PY) bench.py $(ARGS)

@@ -12,8 +12,8 @@ What happens: the perception agents describe the image in a line of text (the cp
 (the decomposition agent: base model + a trained LoRA adapter) writes <action><subject><goal>, the sequencing agent
 orders the items into sub-requests, and for each one a region agent finds where it applies and the CPU retouch
 editor changes those pixels. Perception and regions run on a copy of at most 512 pixels a side; the edits are
-applied to the full-resolution image. From Python (app.py, the editing page, does), `edit_image(image, instruction,
-load_planner(preset, adapter, 64))` does this to a PIL image with a planner loaded once; the agents load lazily.
+applied to the full-resolution image. From Python, `edit_image(image, instruction, load_planner(preset, adapter,
+64))` does this to a PIL image with a planner loaded once (app.py, the editing page, calls it); agents load lazily.
 
 Writes: the edited image (`--out`, default `<image>_edited.png` beside the input), a JSON trace beside it
 (`<out>.json`: plan, order, every step's region, agent, time and error, the agents loaded), and with `--compare` a

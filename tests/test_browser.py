@@ -1,5 +1,5 @@
 """The editing page (app.py) in a real browser: Playwright drives Debian's Chromium against `python app.py` on
-localhost. Run with `make test-browser` (it installs both; about two minutes); left out of `make test`.
+localhost. Run with `make test-browser` (it installs both; under a minute after that); left out of `make test`.
 
 The page runs the cpu preset with an adapter this test teaches the request it sends (a few supervised steps on
 that request alone), so the plan the page must show is known: the test is about the page, not the planner. It
