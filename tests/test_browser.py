@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 pytestmark = pytest.mark.browser
-playwright = pytest.importorskip("playwright.sync_api", reason="make test-browser installs Playwright")
 ROOT = Path(__file__).parent.parent
 REQUEST = "make it black and white and blur the background"
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium")
@@ -79,9 +78,10 @@ def server(taught, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="make test-browser installs Playwright")
     if CHROMIUM is None:
         pytest.skip("no Chromium: make test-browser installs Debian's package chromium (or set CHROMIUM)")
-    with playwright.sync_playwright() as p:
+    with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         yield b
         b.close()
