@@ -19,9 +19,11 @@ Bound to 127.0.0.1 (this machine only); `--share` asks Gradio for a public link,
 Gradio is imported here only: train.py and edit.py never pay for it.
 """
 import argparse
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -100,6 +102,8 @@ class Page:
         self.keep = 0 if self.chosen["editor"] != "retouch" or self.chosen["regions"] != "cpu" else 2
         self.planners = {}  # adapter folder (or None) -> edit.load_planner's pair, oldest first
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="imageedit-page-"))
+        if out_dir is None:  # the page's own outputs leave with it (Gradio's copies too: delete_cache in build)
+            atexit.register(shutil.rmtree, self.out_dir, True)
         self.lock = threading.Lock()
 
     def default_choice(self):
@@ -113,10 +117,12 @@ class Page:
         if choice == "base":
             return None
         if choice == "newest trained":
-            found = newest_adapter(self.root, self.preset)
-            if found is None:
-                raise PageError(f"no trained {self.preset} adapter under {self.root}/ yet: train one with "
-                                "`make train`, or choose the base planner")
+            with page_errors():  # a broken config.json under runs/, damaged weights: edit.py's messages
+                found = newest_adapter(self.root, self.preset)
+                if found is None:
+                    sys.exit(f"error: no trained {self.preset} adapter under {self.root}/ yet: train one with "
+                             "`make train`, or choose the base planner")
+                edit.check_adapter(found)
             return found
         if choice != "chosen adapter":
             raise PageError(f"unknown planner choice {choice!r}; choose one of: {', '.join(PLANNERS)}")
@@ -128,8 +134,10 @@ class Page:
         return adapter
 
     def planner(self, adapter):
-        """edit.load_planner's pair for `adapter`, loaded on first use; the page keeps the last two."""
-        key = str(adapter)
+        """edit.load_planner's pair for `adapter`, loaded on first use; the page keeps the last two. An adapter
+        saved anew (train.py writes into the same folder) is loaded anew."""
+        weights = Path(adapter or "", "adapter_model.safetensors")
+        key = f"{weights.resolve()}@{weights.stat().st_mtime_ns}" if adapter else "base"
         if key not in self.planners:
             if not self.keep:
                 import agents
@@ -160,10 +168,9 @@ class Page:
         """Run one request. Returns {"before", "after" (PIL), "planner_output", "plan", "order" (table rows),
         "masks" [(PIL, caption)], "files" [edited PNG, trace JSON], "status"}; PageError for bad input or a
         request that could not run (its message says why, with the team's log when it ran)."""
-        with self.lock:
+        with self.lock, page_errors():  # an exit anywhere below (edit.py's checks) is a message, not a stop
             t0 = time.time()
-            with page_errors():
-                instruction = edit.check_instruction(instruction or "")
+            instruction = edit.check_instruction(instruction or "")
             rgb, alpha, frames, name = self.image(upload, builtin)
             adapter = self.adapter_for(choice, folder)
             description = edit.describe(rgb) if self.chosen["describe"] else None
@@ -186,7 +193,8 @@ class Page:
             failed = sum("error" in r for r in steps)
             status = (f"Done in {seconds['total']:.1f} s: {len(steps)} step(s)" + (f", {failed} failed" if failed
                       else "") + f"; planner: {self.preset}, " + (f"adapter {adapter}" if adapter else "base model")
-                      + (f"; only the first of {frames} frames" if frames > 1 else ""))
+                      + f"; order: {trace['sequencing']}" + (f"; only the first of {frames} frames" if frames > 1
+                                                            else ""))
             return {"before": rgb, "after": result, "planner_output": trace["planner_output"],
                     "plan": plan_rows(trace["plan"]), "order": order_rows(steps),
                     "masks": [(overlay(small, mask), f"{step}. {steps[step - 1]['text']} | {steps[step - 1]['region']}")
@@ -200,7 +208,8 @@ def build(page):
     import gradio as gr
 
     choice, folder = page.default_choice()
-    with gr.Blocks(title="ImageEdit-R1: edit with an agent team", analytics_enabled=False) as demo:
+    with gr.Blocks(title="ImageEdit-R1: edit with an agent team", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:  # Gradio's copies of uploads and results: an hour
         gr.Markdown("## Edit a photo with an agent team\nThe planner decomposes the request, the sequencing agent "
                     "orders the edits, region agents find where each applies, and the editor changes the pixels.")
         with gr.Row():

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import app
+import edit
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def test_upload_too_large(tmp_path, monkeypatch):
     assert app.read_upload(big)[0].size == (800, 800)
 
 
-def test_request_errors_are_edit_pys_messages(page, tmp_path):
+def test_request_errors_are_edit_pys_messages(tmp_path):
+    page = app.Page("cpu", root=str(tmp_path / "runs"), out_dir=tmp_path)
     with pytest.raises(app.PageError) as e:
         page.submit(None, "astronaut", "   ", "base")
     assert str(e.value) == 'the instruction is empty; say what to change, e.g. "make the sky bluer"'
@@ -85,6 +87,16 @@ def test_request_errors_are_edit_pys_messages(page, tmp_path):
         page.submit(None, "astronaut", "blur it", "chosen adapter", " ")
     with pytest.raises(app.PageError, match=f"^{tmp_path} is not an adapter folder"):
         page.submit(None, "astronaut", "blur it", "chosen adapter", str(tmp_path))
+    run = tmp_path / "runs" / "r1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.json").write_text('{"preset": "cpu"}')
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(app.PageError, match=r"adapter_model.safetensors is damaged, not a safetensors file"):
+        page.submit(None, "astronaut", "blur it", "newest trained")
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(app.PageError, match=r"config.json is not valid JSON"):  # edit.py's exit, not the server's
+        page.submit(None, "astronaut", "blur it", "newest trained")
     assert page.planners == {}  # every check ran before any planner loaded
 
 
@@ -100,7 +112,7 @@ def test_respond_shows_messages_never_a_trace(page, tmp_path, monkeypatch):
     monkeypatch.setattr(page, "submit", broken)
     out = app.respond(page, None, "astronaut", "blur it", "base", "")
     assert out[0] == "**error:** the request failed: RuntimeError: the editor fell over"
-    assert "Traceback" not in out[0]
+    assert out[1:] == [None, None, "", [], [], [], None]
 
 
 def test_a_request_on_the_cpu_preset(page):
@@ -121,13 +133,25 @@ def test_a_request_on_the_cpu_preset(page):
         assert saved.size == (512, 512) and np.array_equal(np.asarray(saved.convert("RGB")), after)
     assert r["files"][0].endswith("astronaut_edited.png") and record["preset"] == "cpu" and record["adapter"] is None
     assert r["status"].startswith("Done in ") and "planner: cpu, base model" in r["status"]
-    assert list(page.planners) == ["None"]  # loaded once, kept for the next request
+    assert list(page.planners) == ["base"]  # loaded once, kept for the next request
+
+
+def test_an_upload_is_edited_at_full_resolution(page, tmp_path):
+    """Regions are found on a 512-pixel copy; the edit, the after image and the download are the upload's size."""
+    from data import builtin_image
+    path = tmp_path / "wide.jpg"
+    builtin_image("coffee", 1200).resize((1600, 1200)).save(path)
+    r = page.submit(str(path), None, "make it brighter", "base")
+    assert r["before"].size == (1600, 1200) and max(r["after"].size) > 512
+    with Image.open(r["files"][0]) as saved:
+        assert saved.size == r["after"].size and np.array_equal(np.asarray(saved), np.asarray(r["after"]))
+    assert r["files"][0].endswith("wide_edited.png")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_vl"])
 def test_a_plan_that_does_not_parse_shows_the_log(preset, tmp_path):
-    """A random tiny planner writes no plan: the message says so, with what the planner wrote. tiny_vl runs the
-    gpu24 code path of the page (a VLM planner that reads the photo, no perception text) on a tiny model."""
+    """A random tiny planner writes no plan: the message says so, with what the planner wrote. tiny_vl loads the
+    page's planner as gpu24 does (a Qwen2.5-VL that reads the photo, no perception text), on a tiny model."""
     tiny = app.Page(preset, root=str(tmp_path), out_dir=tmp_path)
     with pytest.raises(app.PageError) as e:
         tiny.submit(None, "chelsea", "blur the cat", "base")
@@ -139,16 +163,37 @@ def test_a_plan_that_does_not_parse_shows_the_log(preset, tmp_path):
 
 
 def test_gpu_agents_keep_no_planner(tmp_path, monkeypatch):
-    """The memory plan: with a GPU editor the page keeps no planner between requests, and the agents of the last
-    request leave before a planner loads."""
+    """The memory plan: with a GPU editor the page keeps no planner; the agents of the last request leave before a
+    planner loads, and the planner is gone (garbage) by the time the region agents and the editor run."""
+    import gc
+    import weakref
+
     import agents
     page = app.Page("tiny", editor="kontext", root=str(tmp_path), out_dir=tmp_path)
     assert page.keep == 0 and page.chosen["editor"] == "kontext"
-    unloads = []
-    monkeypatch.setattr(agents, "unload", lambda: unloads.append(1))
-    pair = page.planner(None)
-    assert callable(pair[1]) and page.planners == {} and unloads == [1]
     assert app.Page("cpu", root=str(tmp_path)).keep == 2
+    unloads, refs, alive = [], [], []
+    monkeypatch.setattr(agents, "unload", lambda: unloads.append(1))
+    load = edit.load_planner
+
+    plan = "<action>blur</action><subject>background</subject><goal>strongly</goal>"
+
+    def planner_seen(*a, **k):  # the tiny planner, answering a fixed plan; the weakref tells when it is freed
+        real = load(*a, **k)
+        write = lambda x, d, im: (real, plan)[1]  # noqa: E731 it holds the real planner
+        refs.append(weakref.ref(write))
+        return real[0], write
+    monkeypatch.setattr(edit, "load_planner", planner_seen)
+
+    def run_steps(image, steps, work_size, find, edit, masks):  # instead of loading and running FLUX.1-Kontext
+        gc.collect()
+        alive.append(any(r() is not None for r in refs))
+        return image, [{"step": 1, "text": steps[0].text, "region": "the background", "area": 0.5, "seconds": 0.0}]
+    monkeypatch.setattr(agents, "run_steps", run_steps)
+    r = page.submit(None, "chelsea", "blur the background", "base")
+    assert r["plan"] == [["blur", "background", "strongly"]] and page.planners == {}
+    assert unloads == [1, 1]  # before the planner loaded, and (edit_image) before the agents
+    assert alive == [False]
 
 
 def test_the_page_builds(page):

@@ -110,7 +110,7 @@ def wait_status(page, *words, timeout=180_000):
     return page.inner_text("#status")
 
 
-def test_the_page_edits_a_photo_and_refuses_a_text_file(server, browser, photo, tmp_path):
+def test_the_page_edits_a_photo_and_refuses_a_text_file(browser, server, photo, tmp_path):  # no browser: no work
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(server)
     page.set_input_files("#upload input[type=file]", str(photo))
