@@ -100,7 +100,7 @@ class Page:
         self.chosen = edit.team(preset, editor, regions)
         # the memory plan: with GPU agents the planner is dropped before they load (edit_image), so none is kept
         self.keep = 0 if self.chosen["editor"] != "retouch" or self.chosen["regions"] != "cpu" else 2
-        self.planners = {}  # adapter folder (or None) -> edit.load_planner's pair, oldest first
+        self.planners = {}  # "base" or "<adapter weights>@<mtime>" -> edit.load_planner's pair, oldest first
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="imageedit-page-"))
         if out_dir is None:  # the page's own outputs leave with it (Gradio's copies too: delete_cache in build)
             atexit.register(shutil.rmtree, self.out_dir, True)
@@ -191,10 +191,11 @@ class Page:
             edit.save_atomic(lambda p: p.write_text(json.dumps(record, indent=1)), trace_path)
             steps = trace["steps"]
             failed = sum("error" in r for r in steps)
-            status = (f"Done in {seconds['total']:.1f} s: {len(steps)} step(s)" + (f", {failed} failed" if failed
-                      else "") + f"; planner: {self.preset}, " + (f"adapter {adapter}" if adapter else "base model")
-                      + f"; order: {trace['sequencing']}" + (f"; only the first of {frames} frames" if frames > 1
-                                                            else ""))
+            status = "; ".join([f"Done in {seconds['total']:.1f} s: {len(steps)} step(s)"
+                                + (f", {failed} failed" if failed else ""),
+                                f"planner: {self.preset}, " + (f"adapter {adapter}" if adapter else "base model"),
+                                f"order: {trace['sequencing']}"]
+                               + ([f"only the first of {frames} frames edited"] if frames > 1 else []))
             return {"before": rgb, "after": result, "planner_output": trace["planner_output"],
                     "plan": plan_rows(trace["plan"]), "order": order_rows(steps),
                     "masks": [(overlay(small, mask), f"{step}. {steps[step - 1]['text']} | {steps[step - 1]['region']}")
@@ -302,7 +303,8 @@ def main(argv=None):
     demo.queue(default_concurrency_limit=1)  # one request at a time: one planner, one set of agents
     print(f"the page: http://127.0.0.1:{args.port}/ (this machine only" + (", and a public link below)" if args.share
           else "; --share for a public link)") + "; Ctrl-C stops it")
-    demo.launch(server_name="127.0.0.1", server_port=args.port, share=args.share, show_error=False, quiet=True)
+    demo.launch(server_name="127.0.0.1", server_port=args.port, share=args.share, show_error=False,
+                quiet=not args.share)  # Gradio prints the public link itself
 
 
 if __name__ == "__main__":
