@@ -31,6 +31,12 @@ no tags), the CPU region agents find the left half, and the editor, a tiny rando
 for the others), edits it. Bar: the output image exists at the input's size, the step ran, the editor sat on the
 chosen device.
 
+page: the editing page's work (app.Page, what its Edit button calls) on tiny_vl with a tiny random kontext editor,
+two requests, as `python app.py --preset=gpu24` runs them: the planner answers the fixed plan above, and with a GPU
+editor the page keeps no planner, so each request loads it, plans, drops it, then loads the editor. Bar: both
+edited images at the input's size, no planner alive (weakref, after gc) when the editor runs, none kept, the
+editor on the device.
+
 planner: configs/qwen2.5-vl-7b-instruct.json with random weights, saved once as a bf16 folder (16 GB, in
 GPU_CHECK_DIR), then train.py --preset=gpu24 itself, loading that folder: NF4, LoRA r=64, B=8 prompts x G=8 samples,
 128 new tokens, 448x448 images, gradient checkpointing, 2 GRPO steps, and an evaluation of 32 prompts before and
@@ -247,6 +253,63 @@ def check_edit(ctx, name):
     return {"measured": measured, "problems": problems, "details": {"trace": rec, "editor": where}}
 
 
+def check_page(ctx):
+    """The editing page's work (app.Page) as on gpu24: tiny_vl with the kontext editor, two requests; see the
+    docstring."""
+    import weakref
+
+    import numpy as np
+    from PIL import Image
+
+    import agents
+    import app
+    import diffusion
+    import edit
+    import registry
+    folder = diffusion.tiny_folder(ctx.models / "tiny-pipelines" / "kontext", "kontext")
+    run = fresh(ctx.out / "page")
+    src = run / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(src)
+    real_planner, real_steps, planners, freed = edit.load_planner, agents.run_steps, [], []
+
+    def planner_with_a_fixed_answer(*a, **kw):
+        planner, write = real_planner(*a, **kw)
+
+        def answer(x, d, image):
+            write(x, d, image)  # the VLM's real call on the device; its random answer is no plan
+            return EDIT_PLAN
+        planners.append(weakref.ref(answer))
+        return planner, answer
+
+    def steps_after_the_planner_left(*a, **kw):
+        gc.collect()
+        freed.append(all(ref() is None for ref in planners))
+        return real_steps(*a, **kw)
+    loader = lambda: diffusion.load_editor("kontext", model=folder, steps=2, size=32)  # noqa: E731
+    registry.unload("kontext")
+    try:
+        with patched(edit, "load_planner", planner_with_a_fixed_answer), \
+                patched(agents, "run_steps", steps_after_the_planner_left), \
+                patched(registry, "LOADERS", {**registry.LOADERS, "kontext": loader}):
+            page = app.Page("tiny_vl", editor="kontext", max_new_tokens=4, out_dir=run)
+            results = [page.submit(str(src), None, "make the left half red", "base") for _ in range(2)]
+            ed = registry.agent("kontext")
+            where = f"{ed.device} {str(ed.dtype).replace('torch.', '')}" + (" + NF4" if ed.quantize else "")
+    finally:
+        registry.unload("kontext")
+    problems = [f"request {i + 1}: step {o[0]} failed: {o[-1]}" for i, r in enumerate(results) for o in r["order"]
+                if o[-1]]
+    sizes = [Image.open(r["files"][0]).size for r in results]
+    if sizes != [(90, 60)] * 2:
+        problems.append(f"the edited images are {sizes}, not the input's (90, 60)")
+    if freed != [True, True] or page.planners:
+        problems.append(f"the planner was still held when the editor ran ({freed}), or kept ({list(page.planners)})")
+    if ed.device != ctx.device:
+        problems.append(f"the editor ran on {ed.device}, not {ctx.device}")
+    return {"measured": f"2 requests, kontext on {where}: 90x60 -> {sizes}, the planner freed before the editor "
+                        f"ran: {freed}", "problems": problems, "details": {"statuses": [r["status"] for r in results]}}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The real-size architectures with random weights, measured against the memory plan
 
@@ -419,6 +482,9 @@ CHECKS = {
     **{f"edit.{e}": Check(lambda ctx, e=e: check_edit(ctx, e),
                           f"edit.py --preset=tiny_vl --editor={e}: a tiny random {e} pipeline edits a region",
                           "output at the input's size, the step ran, on the device", False) for e in EDITORS},
+    "page": Check(lambda ctx: check_page(ctx), "app.py's page on tiny_vl with a tiny random kontext editor: two "
+                  "requests, as gpu24 runs them", "both edited at the input's size, the planner freed before the "
+                  "editor ran and not kept, the editor on the device", False),
     "planner": Check(lambda ctx: run_planner(ctx), "train.py --preset=gpu24: Qwen2.5-VL-7B (random) in NF4 + LoRA, "
                      "2 GRPO steps, 32-prompt evals", "each phase within 20% of the plan; reserved peak + 0.5 GB context "
                      "< 23.5 GB", True),

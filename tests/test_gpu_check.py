@@ -31,7 +31,7 @@ def test_dry_lists_every_check_and_loads_nothing(monkeypatch, capsys):
     for name, check in gpu_check.CHECKS.items():
         assert name in out and check.what in out and f"bar: {check.bar}" in out
     assert {"tiny.paper", "tiny.outcome", "tiny_vl.paper", "tiny_vl.outcome", "tiny_vl.judge", "edit.kontext",
-            "edit.pix2pix", "edit.inpaint", "planner", "flux", "ranks"} == set(gpu_check.CHECKS)
+            "edit.pix2pix", "edit.inpaint", "page", "planner", "flux", "ranks"} == set(gpu_check.CHECKS)
     assert gpu_check.main(["--dry", "--only=tiny_vl,flux"])["checks"] == \
         ["tiny_vl.paper", "tiny_vl.outcome", "tiny_vl.judge", "flux"]  # a family, then a name
     with pytest.raises(SystemExit, match="no check called 'tiny_vlm'.*the checks: tiny.paper"):
@@ -94,6 +94,8 @@ def test_tiny_runs_every_check_and_all_pass(places, monkeypatch):
     assert (out / "tiny_vl.judge" / "cold_start" / "adapter_config.json").exists()  # the cold start ran
     for e in gpu_check.EDITORS:
         assert (out / f"edit.{e}" / "out.png").exists() and checks[f"edit.{e}"]["details"]["editor"] == "cpu float32"
+    assert (out / "page" / "in.png").exists() and "the planner freed before the editor ran: [True, True]" in \
+        checks["page"]["measured"]
     planner, flux = checks["planner"]["details"], checks["flux"]["details"]
     assert set(planner["measured"]) == {"vision", "sample", "update", "eval"} == set(planner["estimated"])
     assert all(v > 0 for v in planner["measured"].values()) and planner["prompt_tokens"] > 50

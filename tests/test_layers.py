@@ -21,12 +21,12 @@ LAYERS = [
     "agents",                                 # 2: the team: gpu24 loaders, sequencing, running a plan
     "reward",                                 # 3: every reward
     "checkpoint",                             # 3: run folders: atomic saves, resume and its checks
-    "train", "edit", "eval", "bench", "gpu_check",  # 4: entry points, never importing each other ...
-    "app",                                    # 5: the editing page, on edit.py's code
+    "train", "edit", "eval", "bench", "gpu_check", "app",  # 4: entry points, never importing each other ...
 ]
-ENTRY = {"train", "edit", "eval", "bench", "gpu_check"}
-# ... but the GPU check runs them in-process, as a test, and `bench.py coldstart` runs train's cold start alone
-DRIVES = {("gpu_check", "train"), ("gpu_check", "edit"), ("bench", "train")}
+ENTRY = {"train", "edit", "eval", "bench", "gpu_check", "app"}
+# ... but the GPU check runs them in-process, as a test, `bench.py coldstart` runs train's cold start alone, and the
+# editing page runs edit.py's code
+DRIVES = {("gpu_check", "train"), ("gpu_check", "edit"), ("gpu_check", "app"), ("bench", "train"), ("app", "edit")}
 
 
 def project_imports(path, known):
