@@ -125,12 +125,18 @@ def test_the_page_edits_a_photo_and_refuses_a_text_file(browser, server, photo, 
     before, after = picture(page, "#before"), picture(page, "#after")
     assert before.shape == after.shape == (512, 512, 3)
     assert np.abs(before - after).mean() > 5, "the after image should differ from the before image"
-    assert "grayscale; blur" in page.input_value("#raw textarea")
+    taught_plan = page.input_value("#raw textarea")
+    assert taught_plan.startswith("<action>grayscale; blur</action>"), taught_plan
     links = {Path(a.get_attribute("href")).name: a.get_attribute("href") for a in page.locator("#downloads a").all()}
     assert set(links) == {"astronaut_edited.png", "astronaut_edited.json"}, links
     saved = Image.open(io.BytesIO(page.request.get(links["astronaut_edited.png"]).body()))
     assert np.array_equal(np.asarray(saved.convert("RGB")), after)  # the download is the full image
     page.screenshot(path=str(ROOT / "docs" / "app.jpg"), full_page=True, type="jpeg", quality=80)
+
+    page.click("#planner-choice label:has-text('base')")  # the switch: the same photo and request, untaught
+    page.click("#run")
+    assert "planner: cpu, base model" in wait_status(page, "base model", "error:")
+    assert page.input_value("#raw textarea") != taught_plan
 
     text = tmp_path / "notes.txt"
     text.write_text("this is not a photo")
