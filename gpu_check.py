@@ -210,36 +210,59 @@ def check_ranks(ctx):
                         f"{seconds[2]:.0f}s vs {seconds[1]:.0f}s", "problems": problems}
 
 
+@contextmanager
+def fixed_answer(seen=None):
+    """edit.load_planner's planners answer EDIT_PLAN inside the block, after their real call (the VLM reads the image
+    on the device; random weights write no plan). `seen(answer)` is told of each answer function made."""
+    import edit
+    real = edit.load_planner
+
+    def load(*a, **kw):
+        planner, write = real(*a, **kw)
+
+        def answer(x, d, image):
+            write(x, d, image)
+            return EDIT_PLAN
+        if seen:
+            seen(answer)
+        return planner, answer
+    with patched(edit, "load_planner", load):
+        yield
+
+
+def tiny_editor(ctx, name):
+    """The registry loads the diffusers editor `name` as a tiny random pipeline of its real class, by its real loader
+    (diffusion.load_editor), inside the block."""
+    import agents  # noqa: F401  its import adds the gpu24 loaders to the registry: before the patch, not into it
+    import diffusion
+    import registry
+    folder = diffusion.tiny_folder(ctx.models / "tiny-pipelines" / name, name)
+    loader = lambda: diffusion.load_editor(name, model=folder, steps=2, size=32)  # noqa: E731
+    return patched(registry, "LOADERS", {**registry.LOADERS, name: loader})
+
+
+def placement(editor):
+    """Where a diffusers editor sits: "cuda bfloat16 + NF4"."""
+    return f"{editor.device} {str(editor.dtype).replace('torch.', '')}" + (" + NF4" if editor.quantize else "")
+
+
 def check_edit(ctx, name):
     """edit.py --preset=tiny_vl with the diffusers editor `name` as a tiny random pipeline; see the docstring."""
     import numpy as np
     from PIL import Image
 
-    import diffusion
     import edit
     import registry
-    folder = diffusion.tiny_folder(ctx.models / "tiny-pipelines" / name, name)
     run = fresh(ctx.out / f"edit.{name}")
     src, out = run / "in.png", run / "out.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(src)
-    real = edit.load_planner
-
-    def planner_with_a_fixed_answer(*a, **kw):
-        planner, write = real(*a, **kw)
-
-        def answer(x, d, image):
-            write(x, d, image)  # the VLM's real call, with the image, on the device; its random answer is no plan
-            return EDIT_PLAN
-        return planner, answer
-    loader = lambda: diffusion.load_editor(name, model=folder, steps=2, size=32)  # noqa: E731  its real loader
     registry.unload(name)
     try:
-        with patched(edit, "load_planner", planner_with_a_fixed_answer), \
-                patched(registry, "LOADERS", {**registry.LOADERS, name: loader}):
+        with fixed_answer(), tiny_editor(ctx, name):
             rec = edit.main([str(src), "make the left half red", "--preset=tiny_vl", f"--editor={name}", "--base",
                              "--max_new_tokens=4", f"--out={out}", "--force"])
             ed = registry.agent(name)  # loaded by the run: its device, dtype and NF4
-            where = f"{ed.device} {str(ed.dtype).replace('torch.', '')}" + (" + NF4" if ed.quantize else "")
+            where = placement(ed)
     finally:
         registry.unload(name)
     problems = [f"step {r['step']} failed: {r['error']}" for r in rec["steps"] if "error" in r]
@@ -263,38 +286,24 @@ def check_page(ctx):
 
     import agents
     import app
-    import diffusion
-    import edit
     import registry
-    folder = diffusion.tiny_folder(ctx.models / "tiny-pipelines" / "kontext", "kontext")
     run = fresh(ctx.out / "page")
     src = run / "in.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(src)
-    real_planner, real_steps, planners, freed = edit.load_planner, agents.run_steps, [], []
-
-    def planner_with_a_fixed_answer(*a, **kw):
-        planner, write = real_planner(*a, **kw)
-
-        def answer(x, d, image):
-            write(x, d, image)  # the VLM's real call on the device; its random answer is no plan
-            return EDIT_PLAN
-        planners.append(weakref.ref(answer))
-        return planner, answer
+    real_steps, planners, freed = agents.run_steps, [], []
 
     def steps_after_the_planner_left(*a, **kw):
         gc.collect()
         freed.append(all(ref() is None for ref in planners))
         return real_steps(*a, **kw)
-    loader = lambda: diffusion.load_editor("kontext", model=folder, steps=2, size=32)  # noqa: E731
     registry.unload("kontext")
     try:
-        with patched(edit, "load_planner", planner_with_a_fixed_answer), \
-                patched(agents, "run_steps", steps_after_the_planner_left), \
-                patched(registry, "LOADERS", {**registry.LOADERS, "kontext": loader}):
+        with fixed_answer(lambda answer: planners.append(weakref.ref(answer))), tiny_editor(ctx, "kontext"), \
+                patched(agents, "run_steps", steps_after_the_planner_left):
             page = app.Page("tiny_vl", editor="kontext", max_new_tokens=4, out_dir=run)
             results = [page.submit(str(src), None, "make the left half red", "base") for _ in range(2)]
             ed = registry.agent("kontext")
-            where = f"{ed.device} {str(ed.dtype).replace('torch.', '')}" + (" + NF4" if ed.quantize else "")
+            where = placement(ed)
     finally:
         registry.unload("kontext")
     problems = [f"request {i + 1}: step {o[0]} failed: {o[-1]}" for i, r in enumerate(results) for o in r["order"]

@@ -43,6 +43,16 @@ def test_dry_lists_every_check_and_loads_nothing(monkeypatch, capsys):
                    capture_output=True, timeout=120)
 
 
+def test_an_editor_check_alone_uses_the_tiny_pipeline(places):
+    """`--only=edit.kontext` in a fresh process, where nothing imported agents.py before the check swapped in the
+    tiny pipeline's loader: agents.py's import must not put the real FLUX.1-Kontext loader back."""
+    out = places / "out"
+    run = subprocess.run([sys.executable, "gpu_check.py", "--tiny", "--only=edit.kontext", f"--out={out}"],
+                         cwd=Path(gpu_check.__file__).parent, capture_output=True, text=True, timeout=600)
+    checks = json.loads((out / "gpu_check.json").read_text())["checks"]
+    assert run.returncode == 0 and checks["edit.kontext"]["result"] == "PASS", run.stdout[-2000:]
+
+
 def test_gpu_check_without_a_gpu_says_so():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
