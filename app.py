@@ -129,9 +129,7 @@ class Page:
         if not (folder or "").strip():
             raise PageError("name the adapter folder to use (a folder with adapter_config.json, as train.py saves)")
         with page_errors():
-            adapter, _ = edit.choose_adapter(SimpleNamespace(adapter=folder.strip(), preset=self.preset, base=False))
-            edit.check_adapter(adapter)
-        return adapter
+            return edit.checked_adapter(SimpleNamespace(adapter=folder.strip(), preset=self.preset, base=False))[0]
 
     def planner(self, adapter):
         """edit.load_planner's pair for `adapter`, loaded on first use; the page keeps the last two. An adapter
@@ -142,7 +140,7 @@ class Page:
             if not self.keep:
                 import agents
                 agents.unload()  # the memory plan: the GPU agents of the last request leave before the planner loads
-            while self.planners and len(self.planners) >= max(self.keep, 1):
+            while len(self.planners) >= max(self.keep, 1):
                 self.planners.pop(next(iter(self.planners)))
             try:
                 self.planners[key] = edit.load_planner(self.preset, adapter, self.max_new_tokens,
@@ -253,13 +251,14 @@ def build(page):
 def respond(page, upload, builtin, instruction, choice, folder):
     """The Edit button: [status, before, after, planner output, plan rows, order rows, masks, files]. Bad input and
     failures become a message on the page, never a stack trace (an unexpected one is printed on the server)."""
+    cleared = [None, None, "", [], [], [], None]  # no result shown beside a message
     try:
         r = page.submit(upload, builtin, instruction, choice, folder)
     except PageError as e:
-        return [error_text(e), None, None, "", [], [], [], None]
+        return [error_text(e), *cleared]
     except Exception as e:  # noqa: BLE001 a failing agent must not take the page down
         traceback.print_exc()
-        return [error_text(f"the request failed: {type(e).__name__}: {e}"), None, None, "", [], [], [], None]
+        return [error_text(f"the request failed: {type(e).__name__}: {e}"), *cleared]
     return [r["status"], r["before"], r["after"], r["planner_output"], r["plan"], r["order"], r["masks"], r["files"]]
 
 
@@ -288,11 +287,9 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true", help="a public Gradio link (off: this machine only)")
     args = ap.parse_args(argv)
-    adapter, preset = None, args.preset or "cpu"
-    if args.adapter:  # edit.py's checks of an adapter, before anything loads
-        adapter, preset = edit.choose_adapter(SimpleNamespace(adapter=args.adapter, preset=args.preset, base=False))
-        edit.check_adapter(adapter)
-    edit.check_device(preset, adapter if adapter and args.preset is None else None)
+    # edit.py's checks, before anything loads; without --adapter the page picks its own (default_choice)
+    adapter, preset = edit.checked_adapter(SimpleNamespace(adapter=args.adapter, preset=args.preset,
+                                                           base=not args.adapter))
     page = Page(preset, adapter, args.editor, args.regions)
     if page.keep:  # the planner the page opens with loads before it serves (with GPU agents: at each request)
         try:

@@ -373,12 +373,18 @@ def parse_args(argv=None):
 def check_request(args):
     """(instruction, adapter, output paths) after every check that runs before any model loads; sets args.preset."""
     instruction = check_instruction(args.instruction)
-    preset_given = args.preset is not None
-    adapter, args.preset = choose_adapter(args)
+    adapter, args.preset = checked_adapter(args)
+    return instruction, adapter, output_paths(args)
+
+
+def checked_adapter(args):
+    """(adapter or None, preset) as choose_adapter picks them from args.adapter, args.preset and args.base, the
+    adapter's weights checked and the preset's device there: exits, before any model loads, if not."""
+    adapter, preset = choose_adapter(args)
     if adapter:
         check_adapter(adapter)
-    check_device(args.preset, None if preset_given else adapter)
-    return instruction, adapter, output_paths(args)
+    check_device(preset, None if args.preset is not None else adapter)
+    return adapter, preset
 
 
 def check_device(preset, adapter=None):
