@@ -187,9 +187,10 @@ def seeds(*run_dirs):
 
 
 def coldstart(*argv):
-    """How much a supervised start alone learns: train.sft on the first sft_n train requests (past train.py's limit
+    """How much a supervised start alone learns: coldstart.sft on the first sft_n train requests (past train.py's limit
     of 10% of train_n: this measures capacity, it is not a training recipe), then the held-out scores. --key=value are
     Config fields; --system=FILE replaces the planner's system prompt with a file's text."""
+    import coldstart
     import rollout
     import train
     argv = list(argv)
@@ -205,7 +206,7 @@ def coldstart(*argv):
     describe_requests(test + requests)
     device, dtype, _ = memory.pick_device(cfg.device, cfg.dtype)
     planner, t0 = train.load_policy(cfg, device, dtype), time.time()
-    train.sft(planner, requests, cfg)
+    coldstart.sft(planner, requests, cfg)
     scores, _ = train.evaluate(planner, test, cfg)
     print(f"cold start on {n} requests, {cfg.sft_steps} steps of {cfg.sft_batch} in {time.time() - t0:.0f}s: "
           + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))

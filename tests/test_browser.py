@@ -38,14 +38,14 @@ def photo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def taught(photo, tmp_path_factory):
     """A cpu adapter that writes REQUEST's plan: 12 supervised steps on it, with the photo's perception text."""
+    import coldstart
     import config
     import edit
-    import train
     from planner import load_planner
     planner = load_planner("cpu")
     sample = dict(instruction=REQUEST, description=edit.describe(Image.open(photo).convert("RGB")),
                   action=["grayscale", "blur"], subject=["whole image", "background"], goal=["full", "strongly"])
-    train.sft(planner, [sample], config.Config(preset="cpu", sft_steps=12, sft_batch=1, sft_micro=1))
+    coldstart.sft(planner, [sample], config.Config(preset="cpu", sft_steps=12, sft_batch=1, sft_micro=1))
     folder = tmp_path_factory.mktemp("runs") / "taught" / "adapter"
     planner.policy.save_pretrained(folder)
     return folder

@@ -21,6 +21,7 @@ LAYERS = [
     "agents",                                 # 2: the team: gpu24 loaders, sequencing, running a plan
     "reward",                                 # 3: every reward
     "checkpoint",                             # 3: run folders: atomic saves, resume and its checks
+    "coldstart",                              # 3: the supervised cold start before GRPO
     "train", "edit", "eval", "bench", "gpu_check", "app",  # 4: entry points, never importing each other ...
 ]
 ENTRY = {"train", "edit", "eval", "bench", "gpu_check", "app"}

@@ -463,9 +463,9 @@ def test_non_finite_gradient_skips_the_step(tmp_path, monkeypatch):
 def test_non_finite_gradient_in_the_cold_start_skips_the_step(tmp_path, monkeypatch, capsys):
     """The cold start is guarded as GRPO is: a step whose gradient norm is not finite leaves the weights as they were
     (peft's fresh lora_B is zero; any optimizer step moves it), and max_bad_steps in a row stop the run."""
-    import train
-    planners, real_sft, real_clip = [], train.sft, torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(train, "sft", lambda planner, *a, **k: (planners.append(planner), real_sft(planner, *a, **k)))
+    import coldstart
+    planners, real_sft, real_clip = [], coldstart.sft, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(coldstart, "sft", lambda p, *a, **k: (planners.append(p), real_sft(p, *a, **k)))
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, m: real_clip(params, m) * float("inf"))
     with pytest.raises(SystemExit, match="cold start: non-finite loss or gradient 2 steps in a row; lower sft_lr"):
         run(tmp_path, monkeypatch, "sft", "--sft_steps=3", "--max_bad_steps=2")
@@ -647,7 +647,7 @@ def test_cold_start_in_micro_batches_makes_the_update_of_one_batch(tiny_dir, mon
     whole steps."""
     from phrasings import make_split
     from planner import load_planner
-    from train import sft
+    from coldstart import sft
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr: torch.optim.SGD(params, lr=lr))
     done = []
     for micro in (1, 4):
